@@ -1,0 +1,110 @@
+"""conv_general_dilated with the simulated accumulator: a dot of each output position with its patch.
+
+The contraction runs over (kernel spatial dims..., input channel) row-major, the order of an im2col
+patch in NHWC with HWIO kernels (spec section 3); feature groups are the dot's batch dimension.
+Patches are gathered with pads and strided slices only, so no arithmetic touches the operands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Optional, Sequence
+
+import jax.numpy as jnp
+from jax import lax
+
+from lowacc.dot import dot_general
+from lowacc.formats import AccumulatorConfig, DotConfig
+from lowacc.quantize import as_float32
+
+
+def patches(lhs, kernel_spatial: Sequence[int], window_strides, padding, lhs_dilation,
+            rhs_dilation):
+  """im2col of channels-last `lhs` (N, spatial..., C): (N, out spatial..., taps, C), taps in
+  row-major order of the kernel's spatial dims. `padding` is explicit (lo, hi) pairs."""
+  nsp = len(kernel_spatial)
+  pad_cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
+  x = lax.pad(lhs, jnp.array(0, lhs.dtype), pad_cfg + [(0, 0, 0)])
+  spans = [(k - 1) * d + 1 for k, d in zip(kernel_spatial, rhs_dilation)]
+  out = [(x.shape[1 + i] - spans[i]) // window_strides[i] + 1 for i in range(nsp)]
+  if any(o <= 0 for o in out):
+    raise ValueError(f'conv: the dilated kernel {tuple(spans)} does not fit the padded input '
+                     f'{x.shape[1:-1]}')
+  taps = []
+  for tap in itertools.product(*(range(k) for k in kernel_spatial)):
+    start = [0] + [t * d for t, d in zip(tap, rhs_dilation)] + [0]
+    limit = ([x.shape[0]] + [s + (o - 1) * st + 1 for s, o, st in zip(start[1:], out, window_strides)]
+             + [x.shape[-1]])
+    taps.append(lax.slice(x, start, limit, [1] + list(window_strides) + [1]))
+  return jnp.stack(taps, axis=-2)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None, *,
+                         config: AccumulatorConfig | DotConfig | None, key=None):
+  """`lax.conv_general_dilated` whose products are accumulated as `config` says.
+
+  Bit for bit the result of `lowacc.dot_general` on the im2col patches (contraction over kernel
+  spatial dims then input channel), per feature group. batch_group_count must be 1.
+  """
+  if DotConfig.of(config) == DotConfig(None):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count,
+                                    precision, preferred_element_type)
+  if batch_group_count != 1:
+    raise ValueError(f'conv_general_dilated: batch_group_count={batch_group_count} is not '
+                     'supported by the simulated accumulator; only 1 is')
+  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  lhs, rhs = as_float32(lhs, 'lhs'), as_float32(rhs, 'rhs')
+  nsp = lhs.ndim - 2
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  lhs_spec, rhs_spec, out_spec = dn
+  x = lhs.transpose((lhs_spec[0],) + tuple(lhs_spec[2:]) + (lhs_spec[1],))  # N, spatial..., C
+  k = rhs.transpose(tuple(rhs_spec[2:]) + (rhs_spec[1], rhs_spec[0]))  # spatial..., I, O
+  kernel_spatial = k.shape[:nsp]
+  lhs_dilation = tuple(lhs_dilation or (1,) * nsp)
+  rhs_dilation = tuple(rhs_dilation or (1,) * nsp)
+  window_strides = tuple(window_strides)
+  groups = feature_group_count
+  channels, cin, cout = x.shape[-1], k.shape[-2], k.shape[-1]
+  if groups < 1 or channels != cin * groups or cout % groups:
+    raise ValueError(f'conv_general_dilated: feature_group_count={groups} does not fit '
+                     f'{channels} input channels, a kernel of {cin} input and {cout} output '
+                     'channels (need in_channels = kernel_in * groups, out % groups == 0)')
+  if isinstance(padding, str):
+    dilated_in = [(s - 1) * d + 1 for s, d in zip(x.shape[1:-1], lhs_dilation)]
+    spans = [(s - 1) * d + 1 for s, d in zip(kernel_spatial, rhs_dilation)]
+    padding = lax.padtype_to_pads(dilated_in, spans, window_strides, padding)
+  cols = patches(x, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation)
+  n, out_spatial, taps = cols.shape[0], cols.shape[1:-2], cols.shape[-2]
+  positions = n * math.prod(out_spatial)
+  cols = cols.reshape(positions, taps, groups, cin).transpose(2, 0, 1, 3)
+  cols = cols.reshape(groups, positions, taps * cin)
+  kern = k.reshape(taps, cin, groups, cout // groups).transpose(2, 0, 1, 3)
+  kern = kern.reshape(groups, taps * cin, cout // groups)
+  y = dot_general(cols, kern, (((2,), (1,)), ((0,), (0,))), config, key=key)
+  y = y.transpose(1, 0, 2).reshape((n,) + tuple(out_spatial) + (cout,))
+  # y is (N, spatial..., O); place each axis where out_spec wants it.
+  order = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
+  inverse = [order.index(i) for i in range(y.ndim)]
+  return y.transpose(inverse).astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeneralDilated:
+  """A hashable drop-in for `lax.conv_general_dilated` that simulates `config` (for Flax's
+  `conv_general_dilated=`)."""
+  config: Optional[AccumulatorConfig | DotConfig]
+
+  def __post_init__(self):
+    DotConfig.of(self.config)
+
+  def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+               dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+               precision=None, preferred_element_type=None):
+    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                dimension_numbers, feature_group_count, batch_group_count,
+                                precision, preferred_element_type, config=self.config)

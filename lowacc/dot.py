@@ -1,0 +1,435 @@
+"""dot_general with a simulated low-bit accumulator (spec sections 3 to 5).
+
+The whole accumulator chain lives here. A dot is brought to the canonical form
+x (B, M, K) . w (B, K, N) -> (B, M, N); K is padded to whole chunks with products equal to -0
+(neutral in IEEE addition) and laid out k-major, (G, C, B, M) and (G, C, B, N), so step k reads one
+contiguous slice. `_run` scans the chunks: an inner chain per chunk ('fma': C steps; 'chunk': one
+float32 chunk sum rounded once), then one step of the combine chain. Observers attached to the
+inner and combine steps derive everything else from the same chain: telemetry counters, the
+residual the recursive estimators need, and the backward pass, which recomputes the chain instead
+of storing an M x N x K tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lowacc.formats import AccumulatorConfig, DotConfig
+from lowacc.quantize import as_float32, quantize_operand, random_bits, round_exact
+
+_HIGHEST = lax.Precision.HIGHEST
+# Streams of the PRNG key: step t of each rounding draws random_bits(fold_in(fold_in(key, s), t)).
+_PRODUCT_STREAM, _ACC_STREAM, _COMBINE_STREAM, _DLHS_STREAM, _DRHS_STREAM = range(5)
+
+
+def two_sum(a, b):
+  """(s, e) with s = fl32(a + b) and s + e = a + b exactly (Knuth's TwoSum)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flags:
+  """What one accumulation step s_t = Q(s_{t-1} + u_t) did, per output element (spec section 4)."""
+  sat: jax.Array    # the exact sum exceeded max_normal
+  lost: jax.Array   # u_t != 0 but s_t == s_{t-1}
+  flush: jax.Array  # s_t == 0 although s_{t-1} + u_t != 0
+
+  def passes(self, ste: str):
+    """The immediate factor d_t of the estimator: does u_t's gradient pass this step?"""
+    if ste.endswith('_of'):
+      return ~self.sat
+    if ste.endswith('_diff'):
+      return ~self.lost
+    if ste.endswith('_both'):
+      return ~(self.sat | self.lost)
+    return jnp.ones_like(self.sat)
+
+  @property
+  def forgets(self):
+    """c_t = 0: the step forgot everything before it."""
+    return self.sat | self.flush
+
+
+def _step(s, u, fmt, rand):
+  """One accumulation step: s + u taken exactly and rounded once into `fmt` (None: float32)."""
+  if fmt is None:
+    out = s + u
+    no = jnp.zeros(out.shape, bool)
+    return out, _Flags(no, no, no)
+  hi, lo = two_sum(s, u)
+  out, sat = round_exact(hi, lo, fmt, rand)
+  return out, _Flags(sat=sat, lost=(u != 0) & (out == s), flush=(out == 0) & (hi != 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chain:
+  """A canonical dot laid out for the chain: xs (G, C, B, M), ws (G, C, B, N)."""
+  cfg: AccumulatorConfig
+  xs: jax.Array
+  ws: jax.Array
+  key: Optional[jax.Array]
+  k: int  # the true contraction length (before padding)
+
+  @classmethod
+  def layout(cls, cfg, x, w, key):
+    b, m, k = x.shape
+    n = w.shape[2]
+    c = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
+    g = -(-k // c)
+    pad = g * c - k
+    # Padded products are (-0) * (+0) = -0, which leaves every sum and sign unchanged.
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=-0.0)
+    w = jnp.pad(w, ((0, 0), (0, pad), (0, 0)))
+    xs = x.transpose(2, 0, 1).reshape(g, c, b, m)
+    ws = w.transpose(1, 0, 2).reshape(g, c, b, n)
+    return cls(cfg, xs, ws, key, k)
+
+  @property
+  def out_shape(self):
+    return (self.xs.shape[2], self.xs.shape[3], self.ws.shape[3])
+
+  def rand(self, fmt, stream, t):
+    if fmt is None or fmt.rounding != 'stochastic':
+      return None
+    if self.key is None:
+      raise ValueError(f"AccumulatorConfig uses rounding='stochastic' ({fmt.name}): pass key= to "
+                       'lowacc.dot_general / conv_general_dilated')
+    return random_bits(jax.random.fold_in(jax.random.fold_in(self.key, stream), t), self.out_shape)
+
+  def products(self, xk, wk, t):
+    """p_t = Q_prod(fl32(x_t * w_t)) for every output element, (B, M, N)."""
+    p = xk[:, :, None] * wk[:, None, :]
+    fmt = self.cfg.product
+    if fmt is not None:
+      p = round_exact(p, None, fmt, self.rand(fmt, _PRODUCT_STREAM, t))[0]
+    return p
+
+  def inner(self, j, xc, wc, observe, init):
+    """Chunk j's inner chain from s = 0; observe(state, i, u, flags) sees each step. -> (s, state)
+
+    i is the step's position inside the chunk (order 'fma') or 0 (order 'chunk').
+    """
+    cfg = self.cfg
+    zero = jnp.zeros(self.out_shape, jnp.float32)
+    if cfg.order == 'chunk':
+      u = jnp.einsum('cbm,cbn->bmn', xc, wc, precision=_HIGHEST)
+      s, flags = _step(zero, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, j))
+      return s, observe(init, 0, u, flags)
+    c = xc.shape[0]
+
+    def body(i, carry):
+      s, state = carry
+      t = j * c + i
+      u = self.products(xc[i], wc[i], t)
+      s, flags = _step(s, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, t))
+      return s, observe(state, i, u, flags)
+
+    return lax.fori_loop(0, c, body, (zero, init), unroll=min(c, 16))
+
+  def combine(self, j, total, s):
+    fmt = self.cfg.combine_format
+    return _step(total, s, fmt, self.rand(fmt, _COMBINE_STREAM, j))
+
+  def run(self, per_chunk, init):
+    """Scans the chunks. per_chunk(state, j, xc, wc, total) -> (total, state, out). -> (total,
+    state, stacked outs)."""
+    g = self.xs.shape[0]
+    zero = jnp.zeros(self.out_shape, jnp.float32)
+
+    def body(carry, inputs):
+      total, state = carry
+      j, xc, wc = inputs
+      total, state, out = per_chunk(state, j, xc, wc, total)
+      return (total, state), out
+
+    (total, state), outs = lax.scan(body, (zero, init), (jnp.arange(g), self.xs, self.ws))
+    return total, state, outs
+
+
+def _ignore(state, *_):
+  return state
+
+
+def _forward(chain: _Chain, track_forgets: bool):
+  """The chain's output and, if asked, the last combine step that forgot the past (-1: none)."""
+
+  def per_chunk(last, j, xc, wc, total):
+    s, _ = chain.inner(j, xc, wc, _ignore, None)
+    total, flags = chain.combine(j, total, s)
+    if track_forgets:
+      last = jnp.where(flags.forgets, j, last)
+    return total, last, None
+
+  init = jnp.full(chain.out_shape, -1, jnp.int32) if track_forgets else None
+  total, last, _ = chain.run(per_chunk, init)
+  return total, last
+
+
+def _backward(chain: _Chain, last_combine_forget, g):
+  """Gradients of the chain under a fine-grained estimator, recomputing the chain chunk by chunk.
+
+  dy/du_t = d_t * prod_{later steps j} c_j, through the inner chain and then the combine chain;
+  u_t's gradient reaches x and w by the product rule. Returns dx (B, M, K), dw (B, K, N).
+  """
+  cfg = chain.cfg
+  ste = cfg.ste
+  recursive = ste.startswith('recursive')
+
+  def last_forget(last, i, u, flags):
+    return jnp.where(flags.forgets, i, last) if recursive else last
+
+  def per_chunk(state, j, xc, wc, total):
+    no_forget = jnp.full(chain.out_shape, -1, jnp.int32)
+    s, last_inner = chain.inner(j, xc, wc, last_forget, no_forget)  # pass A
+    total, flags = chain.combine(j, total, s)
+    gate = flags.passes(ste)
+    if recursive:
+      gate &= j >= last_combine_forget
+    gj = jnp.where(gate, g, 0.0)
+
+    def factor(i, flags):
+      passes = flags.passes(ste)
+      if recursive:
+        passes &= i >= last_inner
+      return jnp.where(passes, gj, 0.0)
+
+    if cfg.order == 'chunk':
+      def contribute(_, i, u, flags):
+        gf = factor(i, flags)
+        return (jnp.einsum('bmn,cbn->cbm', gf, wc, precision=_HIGHEST),
+                jnp.einsum('bmn,cbm->cbn', gf, xc, precision=_HIGHEST))
+      init = None
+    else:
+      def contribute(grads, i, u, flags):
+        gf = factor(i, flags)
+        dx, dw = grads
+        dx = dx.at[i].set(jnp.einsum('bmn,bn->bm', gf, wc[i], precision=_HIGHEST))
+        dw = dw.at[i].set(jnp.einsum('bmn,bm->bn', gf, xc[i], precision=_HIGHEST))
+        return dx, dw
+      init = (jnp.zeros_like(xc), jnp.zeros_like(wc))
+    _, grads = chain.inner(j, xc, wc, contribute, init)  # pass B
+    return total, state, grads
+
+  _, _, (dxs, dws) = chain.run(per_chunk, None)
+  gn, cn, b, m = dxs.shape
+  n = dws.shape[3]
+  dx = dxs.reshape(gn * cn, b, m).transpose(1, 2, 0)[:, :, :chain.k]
+  dw = dws.reshape(gn * cn, b, n).transpose(1, 0, 2)[:, :chain.k, :]
+  return dx, dw
+
+
+def _float32_dot(x, w):
+  return lax.dot_general(x, w, (((2,), (1,)), ((0,), (0,))), precision=_HIGHEST)
+
+
+def _key_for(key, stream):
+  return None if key is None else jax.random.fold_in(key, stream)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _accumulate(cfg: DotConfig, x, w, key):
+  """The canonical simulated dot x (B, M, K) . w (B, K, N) of already quantized operands."""
+  return _accumulate_fwd(cfg, x, w, key)[0]
+
+
+def _accumulate_fwd(cfg: DotConfig, x, w, key):
+  fwd = cfg.fwd
+  if fwd is None or fwd.acc is None or x.shape[2] == 0:
+    y, last = _float32_dot(x, w), None
+  else:
+    y, last = _forward(_Chain.layout(fwd, x, w, key), fwd.ste.startswith('recursive'))
+  return y, (x, w, key, last)
+
+
+def _accumulate_bwd(cfg: DotConfig, residuals, g):
+  x, w, key, last = residuals
+  fwd = cfg.fwd
+  if fwd is not None and fwd.ste != 'identity' and x.shape[2] > 0:
+    dx, dw = _backward(_Chain.layout(fwd, x, w, key), last, g)
+    return dx, dw, None
+  # Identity: the gradients of the exact dot, each GEMM under its own config.
+  dx = _canonical_dot(g, w, (((2,), (2,)), ((0,), (0,))), cfg.dlhs, _key_for(key, _DLHS_STREAM))
+  dw = _canonical_dot(x, g, (((1,), (1,)), ((0,), (0,))), cfg.drhs, _key_for(key, _DRHS_STREAM))
+  return dx, dw, None
+
+
+_accumulate.defvjp(_accumulate_fwd, _accumulate_bwd)
+
+
+def _canonical_dot(a, b, dims, config: Optional[AccumulatorConfig], key):
+  """A backward GEMM on canonical 3-d operands; its result is laid out as lax.dot_general's."""
+  if config is None:
+    return lax.dot_general(a, b, dims, precision=_HIGHEST)
+  return dot_general(a, b, dims, config, key=key)
+
+
+def _canonicalize(lhs, rhs, dimension_numbers):
+  """Validates the dimension numbers; returns the permutations and sizes of the canonical form."""
+  (lc, rc), (lb, rb) = dimension_numbers = _hashable(dimension_numbers)
+  for name, arr, dims in (('lhs', lhs, lc + lb), ('rhs', rhs, rc + rb)):
+    if len(set(dims)) != len(dims) or any(not 0 <= d < arr.ndim for d in dims):
+      raise ValueError(f'dimension_numbers={dimension_numbers!r}: {name} dims {dims} must be '
+                       f'distinct axes of its shape {arr.shape}')
+  if len(lc) != len(rc) or len(lb) != len(rb):
+    raise ValueError(f'dimension_numbers={dimension_numbers!r}: lhs and rhs need as many '
+                     'contracting and batch dims')
+  for what, ld, rd in (('contracting', lc, rc), ('batch', lb, rb)):
+    ls, rs = tuple(lhs.shape[d] for d in ld), tuple(rhs.shape[d] for d in rd)
+    if ls != rs:
+      raise ValueError(f'shapes do not contract: lhs {what} dims {ld} have sizes {ls} but rhs '
+                       f'{what} dims {rd} have sizes {rs} (lhs {lhs.shape}, rhs {rhs.shape})')
+  lf = tuple(d for d in range(lhs.ndim) if d not in lc + lb)
+  rf = tuple(d for d in range(rhs.ndim) if d not in rc + rb)
+  return lb + lf + lc, rb + rc + rf, (lb, lf, lc, rf)
+
+
+def _size(shape: Sequence[int]) -> int:
+  out = 1
+  for s in shape:
+    out *= s
+  return out
+
+
+def _prepare(lhs, rhs, dimension_numbers, cfg: DotConfig):
+  """Canonical quantized operands x (B, M, K), w (B, K, N) and the output's shape."""
+  lhs, rhs = as_float32(lhs, 'lhs'), as_float32(rhs, 'rhs')
+  lperm, rperm, (lb, lf, lc, rf) = _canonicalize(lhs, rhs, dimension_numbers)
+  bshape = tuple(lhs.shape[d] for d in lb)
+  mshape = tuple(lhs.shape[d] for d in lf)
+  kshape = tuple(lhs.shape[d] for d in lc)
+  nshape = tuple(rhs.shape[d] for d in rf)
+  b, m, k, n = map(_size, (bshape, mshape, kshape, nshape))
+  x = lhs.transpose(lperm).reshape(b, m, k)
+  w = rhs.transpose(rperm).reshape(b, k, n)
+  fwd = cfg.fwd
+  if fwd is not None:
+    x = quantize_operand(x, fwd.lhs, reduce_axes=(2,))
+    w = quantize_operand(w, fwd.rhs, reduce_axes=(1,))
+  return x, w, bshape + mshape + nshape
+
+
+def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None,
+                preferred_element_type=None):
+  """`lax.dot_general` with the accumulation simulated by `config` (spec section 3).
+
+  config: an AccumulatorConfig (forward GEMM; backward GEMMs in float32), a DotConfig, or None
+  (plain `lax.dot_general`). key: PRNG key for stochastic rounding. The contraction runs over the
+  contracting dims flattened row-major in the order dimension_numbers gives them. `precision` is
+  accepted for signature compatibility; simulated GEMMs always compute in float32.
+  """
+  cfg = DotConfig.of(config)
+  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  if cfg.fwd is None and cfg.dlhs is None and cfg.drhs is None:
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+  if cfg.fwd is not None and cfg.fwd.stochastic and key is None:
+    raise ValueError("config uses rounding='stochastic': pass key= (a jax PRNG key)")
+  return _simulated_dot(cfg, _hashable(dimension_numbers), lhs, rhs, key).astype(out_dtype)
+
+
+def _hashable(dimension_numbers):
+  try:
+    return tuple(tuple(tuple(int(d) for d in dims) for dims in pair) for pair in dimension_numbers)
+  except (TypeError, ValueError):
+    raise ValueError(f'dimension_numbers={dimension_numbers!r} is invalid: expected '
+                     '((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))') from None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _simulated_dot(cfg: DotConfig, dimension_numbers, lhs, rhs, key):
+  x, w, out_shape = _prepare(lhs, rhs, dimension_numbers, cfg)
+  return _accumulate(cfg, x, w, key).reshape(out_shape)
+
+
+def matmul(a, b, config, *, key=None):
+  """`jnp.matmul` (batch dims broadcast, 1-d operands promoted) with a simulated accumulator."""
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.ndim == 0 or b.ndim == 0:
+    raise ValueError(f'matmul needs operands of at least 1 dim, got shapes {a.shape}, {b.shape}')
+  a2 = a[None, :] if a.ndim == 1 else a
+  b2 = b[:, None] if b.ndim == 1 else b
+  batch = jnp.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+  a2 = jnp.broadcast_to(a2, batch + a2.shape[-2:])
+  b2 = jnp.broadcast_to(b2, batch + b2.shape[-2:])
+  nb = len(batch)
+  dims = (((a2.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+  out = dot_general(a2, b2, dims, config, key=key)
+  if a.ndim == 1:
+    out = out[..., 0, :]
+  if b.ndim == 1:
+    out = out[..., 0]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DotGeneral:
+  """A hashable drop-in for `lax.dot_general` that simulates `config`, for injection into Flax
+  layers (`dot_general=`) and `jnp.einsum(..., _dot_general=)`. Stochastic rounding needs a key,
+  which this signature cannot carry: use `lowacc.dot_general(..., key=)` for it."""
+  config: Optional[AccumulatorConfig | DotConfig]
+
+  def __post_init__(self):
+    DotConfig.of(self.config)
+
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+               **kwargs):
+    return dot_general(lhs, rhs, dimension_numbers, self.config, precision=precision,
+                       preferred_element_type=preferred_element_type)
+
+
+def _count(state, flags: _Flags):
+  return {'sat': state['sat'] + jnp.sum(flags.sat, dtype=jnp.int32),
+          'lost': state['lost'] + jnp.sum(flags.lost, dtype=jnp.int32),
+          'flush': state['flush'] + jnp.sum(flags.flush, dtype=jnp.int32)}
+
+
+def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
+  """Counters of the simulated forward GEMM (spec section 5), as a dict of scalars.
+
+  steps, sat, lost, flush: steps of the inner chains (one per product for order 'fma', one per
+  chunk for 'chunk') and of the combine chain, and how many saturated, lost their update, or
+  flushed to zero. rel_error and max_abs_error compare the output with the float32 dot of the same
+  (quantized) operands.
+  """
+  cfg = DotConfig.of(config)
+  fwd = cfg.fwd
+  if fwd is None or fwd.acc is None:
+    raise ValueError('accumulation_stats needs a config with a simulated accumulator (acc set)')
+  x, w, _ = _prepare(lhs, rhs, _hashable(dimension_numbers), cfg)
+  if x.shape[2] == 0:
+    raise ValueError('accumulation_stats needs a non-empty contraction')
+  return _stats(fwd, x, w, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stats(fwd: AccumulatorConfig, x, w, key):
+  chain = _Chain.layout(fwd, x, w, key)
+  zero = jnp.int32(0)
+  counts0 = {'sat': zero, 'lost': zero, 'flush': zero}
+
+  def per_chunk(counts, j, xc, wc, total):
+    s, counts = chain.inner(j, xc, wc, lambda st, i, u, flags: _count(st, flags), counts)
+    total, flags = chain.combine(j, total, s)
+    if fwd.combine_format is not None:
+      counts = _count(counts, flags)
+    return total, counts, None
+
+  y, counts, _ = chain.run(per_chunk, counts0)
+  b, m, n = chain.out_shape
+  g, c = chain.xs.shape[:2]
+  inner_steps = chain.k if fwd.order == 'fma' else g
+  combine_steps = g if fwd.combine_format is not None else 0
+  ref = _float32_dot(x, w)
+  err = y - ref
+  return dict(counts,
+              steps=jnp.int32(b * m * n * (inner_steps + combine_steps)),
+              rel_error=jnp.linalg.norm(err) / jnp.linalg.norm(ref),
+              max_abs_error=jnp.max(jnp.abs(err)))

@@ -1,0 +1,252 @@
+"""Formats and configurations of the simulated accumulator (numeric contract, sections 1 to 4).
+
+Every class here is a frozen, hashable dataclass validated at construction, so configs can be
+static arguments of `jax.jit` and of `jnp.einsum(..., _dot_general=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+ROUNDINGS = ('nearest_even', 'toward_zero', 'down', 'up', 'stochastic')
+UNDERFLOWS = ('flush', 'subnormal', 'none')
+OVERFLOWS = ('saturate', 'inf', 'none')
+SCALINGS = ('none', 'per_tensor_pow2', 'per_channel_pow2')
+ORDERS = ('fma', 'chunk')
+STES = ('identity', 'immediate_of', 'immediate_diff', 'immediate_both',
+        'recursive_of', 'recursive_diff', 'recursive_both')
+
+# float32's own exponent limits: the container every simulated value lives in.
+_F32_MIN_EXP = -126
+_F32_MAX_EXP = 127
+
+
+def _check_int(owner: str, field: str, value, lo: int, hi: Optional[int] = None):
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f'{owner}.{field} must be an int, got {value!r}')
+  if value < lo or (hi is not None and value > hi):
+    valid = f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'
+    raise ValueError(f'{owner}.{field}={value} is invalid: must be {valid}')
+
+
+def _check_choice(owner: str, field: str, value, choices):
+  if value not in choices:
+    raise ValueError(f'{owner}.{field}={value!r} is invalid: valid values are {choices}')
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatFormat:
+  """A sign + `exp_bits` exponent + `man_bits` fraction floating-point format.
+
+  Normal values are (-1)^s 2^(e - bias) (1 + f / 2^man_bits) for exponent codes e = 1..e_top, where
+  e_top reserves the top code for inf/NaN only when overflow='inf'. `bias=None` means the IEEE bias
+  2^(exp_bits-1) - 1. The modes say how `lowacc.quantize` rounds into the format (spec section 1).
+  """
+  exp_bits: int
+  man_bits: int
+  bias: Optional[int] = None
+  rounding: str = 'nearest_even'
+  underflow: str = 'flush'
+  overflow: str = 'saturate'
+
+  def __post_init__(self):
+    _check_int('FloatFormat', 'exp_bits', self.exp_bits, 1)
+    _check_int('FloatFormat', 'man_bits', self.man_bits, 0, 23)
+    if self.bias is None:
+      object.__setattr__(self, 'bias', 2 ** (self.exp_bits - 1) - 1)
+    _check_int('FloatFormat', 'bias', self.bias, -2 ** 30)
+    _check_choice('FloatFormat', 'rounding', self.rounding, ROUNDINGS)
+    _check_choice('FloatFormat', 'underflow', self.underflow, UNDERFLOWS)
+    _check_choice('FloatFormat', 'overflow', self.overflow, OVERFLOWS)
+    if self.e_top < 1:
+      raise ValueError(
+          f'FloatFormat.exp_bits={self.exp_bits} with overflow={self.overflow!r} leaves no normal '
+          f'exponent code: use exp_bits >= 2 or another overflow mode')
+    if self.max_exp > _F32_MAX_EXP:
+      raise ValueError(
+          f'FloatFormat(exp_bits={self.exp_bits}, bias={self.bias}) has max_normal = '
+          f'2^{self.max_exp} * (2 - 2^-{self.man_bits}), outside the float32 container: '
+          f'need e_top - bias = {self.e_top} - bias <= {_F32_MAX_EXP}, i.e. bias >= '
+          f'{self.e_top - _F32_MAX_EXP}')
+    if self.underflow != 'none' and self.min_exp < _F32_MIN_EXP:
+      raise ValueError(
+          f'FloatFormat(exp_bits={self.exp_bits}, bias={self.bias}) has min_normal = '
+          f'2^{self.min_exp}, below float32\'s normal range: need 1 - bias >= {_F32_MIN_EXP}, '
+          f'i.e. bias <= {1 - _F32_MIN_EXP}, or underflow=\'none\'')
+
+  @property
+  def e_top(self) -> int:
+    """The largest exponent code of a finite value."""
+    return 2 ** self.exp_bits - (2 if self.overflow == 'inf' else 1)
+
+  @property
+  def max_exp(self) -> int:
+    """Unbiased exponent of the top binade."""
+    return self.e_top - self.bias
+
+  @property
+  def min_exp(self) -> int:
+    """Unbiased exponent of the smallest normal binade."""
+    return 1 - self.bias
+
+  @property
+  def max_normal(self) -> float:
+    return 2.0 ** self.max_exp * (2 - 2.0 ** -self.man_bits)
+
+  @property
+  def min_normal(self) -> float:
+    return 2.0 ** self.min_exp
+
+  @property
+  def width(self) -> int:
+    return 1 + self.exp_bits + self.man_bits
+
+  @property
+  def name(self) -> str:
+    """The paper's MxEy notation, with the bias when it is not IEEE's: 'M7E4b10'."""
+    ieee = self.bias == 2 ** (self.exp_bits - 1) - 1
+    return f'M{self.man_bits}E{self.exp_bits}' + ('' if ieee else f'b{self.bias}')
+
+  def replace(self, **changes) -> 'FloatFormat':
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputQuant:
+  """Quantization of one GEMM operand before the products (spec section 2).
+
+  scaling='per_tensor_pow2' multiplies the operand by 2^k, with k chosen so max|x| falls in the
+  format's top binade, quantizes, and divides by 2^k (the paper's flexible bias).
+  'per_channel_pow2' chooses k per index of the operand's free (non-contracting, non-batch) axes,
+  i.e. per output channel of a weight.
+  """
+  format: FloatFormat
+  scaling: str = 'none'
+
+  def __post_init__(self):
+    if not isinstance(self.format, FloatFormat):
+      raise ValueError(f'InputQuant.format must be a FloatFormat, got {self.format!r}')
+    _check_choice('InputQuant', 'scaling', self.scaling, SCALINGS)
+    if self.format.rounding == 'stochastic':
+      raise ValueError("InputQuant.format.rounding='stochastic' is not supported: input "
+                       'quantization is deterministic; use another rounding')
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumulatorConfig:
+  """How one GEMM accumulates (spec section 3) and how its gradient is estimated (section 4).
+
+  acc: the accumulator format, or None for a plain float32 dot (inputs still quantized).
+  product: the format each float32 product is rounded to, or None to keep float32 products.
+  chunk_size: consecutive products per chunk (None: one chunk of the whole contraction).
+  order: 'fma' (one rounding per multiply-accumulate) or 'chunk' (float32 chunk sum, rounded once).
+  combine: how chunk results are summed: 'acc' (the accumulator itself), a FloatFormat, or None
+    (float32).
+  ste: the gradient estimator.
+  lhs, rhs: optional InputQuant of each operand.
+  """
+  acc: Optional[FloatFormat]
+  product: Optional[FloatFormat] = None
+  chunk_size: Optional[int] = 16
+  order: str = 'fma'
+  combine: Union[str, FloatFormat, None] = 'acc'
+  ste: str = 'identity'
+  lhs: Optional[InputQuant] = None
+  rhs: Optional[InputQuant] = None
+
+  def __post_init__(self):
+    for field in ('acc', 'product'):
+      value = getattr(self, field)
+      if value is not None and not isinstance(value, FloatFormat):
+        raise ValueError(f'AccumulatorConfig.{field} must be a FloatFormat or None, got {value!r}')
+    for field in ('lhs', 'rhs'):
+      value = getattr(self, field)
+      if value is not None and not isinstance(value, InputQuant):
+        raise ValueError(f'AccumulatorConfig.{field} must be an InputQuant or None, got {value!r}')
+    if self.chunk_size is not None:
+      _check_int('AccumulatorConfig', 'chunk_size', self.chunk_size, 1)
+    _check_choice('AccumulatorConfig', 'order', self.order, ORDERS)
+    if not (self.combine is None or self.combine == 'acc' or isinstance(self.combine, FloatFormat)):
+      raise ValueError(f"AccumulatorConfig.combine={self.combine!r} is invalid: valid values are "
+                       "'acc', a FloatFormat, or None (float32)")
+    _check_choice('AccumulatorConfig', 'ste', self.ste, STES)
+    if self.acc is None and self.product is not None:
+      raise ValueError('AccumulatorConfig.product is set but acc=None: product rounding needs a '
+                       'simulated accumulator; set acc or product=None')
+    if self.acc is None and self.ste != 'identity':
+      raise ValueError(f"AccumulatorConfig.ste={self.ste!r} needs a simulated accumulator "
+                       "(acc=None is a float32 dot): use ste='identity' or set acc")
+
+  @property
+  def combine_format(self) -> Optional[FloatFormat]:
+    """The format of the chunk-combine chain, or None for a float32 sum."""
+    return self.acc if self.combine == 'acc' else self.combine
+
+  @property
+  def stochastic(self) -> bool:
+    """Whether any rounding in the chain needs a PRNG key."""
+    return any(f is not None and f.rounding == 'stochastic'
+               for f in (self.acc, self.product, self.combine_format))
+
+  def replace(self, **changes) -> 'AccumulatorConfig':
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DotConfig:
+  """Configs of the three GEMMs of a dot: the forward product and the gradients with respect to
+  the lhs and the rhs (as in AQT). None is a plain float32 GEMM; the backward GEMMs default to it.
+
+  Backward configs can only be simulated with fwd.ste='identity': the fine-grained estimators
+  weight every product by its own factor, so their backward products are not GEMMs.
+  """
+  fwd: Optional[AccumulatorConfig]
+  dlhs: Optional[AccumulatorConfig] = None
+  drhs: Optional[AccumulatorConfig] = None
+
+  def __post_init__(self):
+    for field in ('fwd', 'dlhs', 'drhs'):
+      value = getattr(self, field)
+      if value is not None and not isinstance(value, AccumulatorConfig):
+        raise ValueError(f'DotConfig.{field} must be an AccumulatorConfig or None, got {value!r}')
+    for field in ('dlhs', 'drhs'):
+      value = getattr(self, field)
+      if value is not None and self.fwd is not None and self.fwd.ste != 'identity':
+        raise ValueError(f"DotConfig.{field} is set but fwd.ste={self.fwd.ste!r}: backward GEMMs "
+                         "can only be simulated with ste='identity'")
+      if value is not None and value.ste != 'identity':
+        raise ValueError(f"DotConfig.{field}.ste={value.ste!r}: a backward GEMM's own gradient is "
+                         "not taken, use ste='identity'")
+
+  @classmethod
+  def of(cls, config: Union['DotConfig', AccumulatorConfig, None]) -> 'DotConfig':
+    """Normalises an AccumulatorConfig (forward only) or None to a DotConfig."""
+    if isinstance(config, DotConfig):
+      return config
+    if config is None or isinstance(config, AccumulatorConfig):
+      return cls(fwd=config)
+    raise ValueError(f'config must be a DotConfig, an AccumulatorConfig or None, got {config!r}')
+
+
+# Standard formats: IEEE semantics (round to nearest even, gradual underflow, inf).
+_IEEE = dict(rounding='nearest_even', underflow='subnormal', overflow='inf')
+FP32 = FloatFormat(8, 23, **_IEEE)
+FP16 = FloatFormat(5, 10, **_IEEE)
+BF16 = FloatFormat(8, 7, **_IEEE)
+FP8_E4M3 = FloatFormat(4, 3, **_IEEE)   # ml_dtypes.float8_e4m3 (IEEE-like, max 240)
+FP8_E5M2 = FloatFormat(5, 2, **_IEEE)   # ml_dtypes.float8_e5m2
+FP8_E3M4 = FloatFormat(3, 4, **_IEEE)   # ml_dtypes.float8_e3m4
+
+# The paper's accumulator (spec section 3): M7E4 with bias 10, products M7E4 with bias 12, both
+# truncating ('floor' read as toward_zero), flushing and saturating, chunks of 16.
+_PAPER_MODES = dict(rounding='toward_zero', underflow='flush', overflow='saturate')
+PAPER_ACC = FloatFormat(4, 7, bias=10, **_PAPER_MODES)
+PAPER_PRODUCT = FloatFormat(4, 7, bias=12, **_PAPER_MODES)
+PAPER_M7E4 = AccumulatorConfig(acc=PAPER_ACC, product=PAPER_PRODUCT, chunk_size=16,
+                               order='fma', combine='acc')
+# The paper's FP8 inputs: E4M3 with a per-tensor power-of-two scale. The scale puts max|x| in the
+# top binade, whose upper part exceeds max_normal, so the inputs saturate rather than overflow.
+PAPER_FP8_INPUT = InputQuant(FloatFormat(4, 3, rounding='nearest_even', underflow='subnormal',
+                                         overflow='saturate'), 'per_tensor_pow2')
+PAPER_M7E4_FP8 = PAPER_M7E4.replace(lhs=PAPER_FP8_INPUT, rhs=PAPER_FP8_INPUT)

@@ -1,0 +1,204 @@
+"""Bit-exact rounding of float32 arrays into a FloatFormat, by integer operations on the bits.
+
+`round_exact` rounds the exact value hi + lo of a float32 pair (as TwoSum returns it) in one step;
+`quantize` is the public one-value case with a straight-through gradient, and `quantize_operand`
+adds the power-of-two scaling of spec section 2.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lowacc.formats import FloatFormat, InputQuant
+
+_SIGN = 0x80000000
+_ABS = 0x7FFFFFFF
+_INF = 0x7F800000
+_F32_MAX = 0x7F7FFFFF
+
+
+def _u32(v: int):
+  return jnp.uint32(v)
+
+
+def _pow2_bits(k):
+  """Bits of the float32 2^k for int32 k in [-149, 127] (subnormal below -126)."""
+  k = k.astype(jnp.int32)
+  normal = lax.shift_left((k + 127).astype(jnp.uint32), _u32(23))
+  subnormal = lax.shift_left(_u32(1), jnp.clip(k + 149, 0, 31).astype(jnp.uint32))
+  return jnp.where(k >= -126, normal, subnormal)
+
+
+def _float_bits(value: float) -> int:
+  return int(np.float32(value).view(np.uint32))
+
+
+def limit_bits(fmt: FloatFormat) -> int:
+  """Bits of the largest finite magnitude: max_normal, or float32's max for overflow='none'."""
+  return _F32_MAX if fmt.overflow == 'none' else _float_bits(fmt.max_normal)
+
+
+def random_bits(key, shape):
+  """The uniform uint32 words a stochastic rounding of an array of `shape` draws from `key`."""
+  return jax.random.bits(key, shape, jnp.uint32)
+
+
+def round_exact(hi, lo, fmt: FloatFormat, rand=None):
+  """Rounds the exact value hi + lo into `fmt` once; returns (value, sat).
+
+  hi, lo: float32 with |lo| <= ulp(hi) / 2 (TwoSum's result), or lo=None for a single value.
+  rand: uint32 words for rounding='stochastic'.
+  sat: the exact magnitude exceeded max_normal (float32's max for overflow='none').
+
+  The exact value is represented as a 24-bit integer significand h plus two bits g that round the
+  remainder to odd in quarter-ulps (g = 0, 1, 2, 3 for a remainder of 0, (0, 1/2), 1/2, (1/2, 1)
+  ulp). Rounding to at most 24 significant bits from that is exact for every deterministic mode.
+  """
+  u = lax.bitcast_convert_type(hi, jnp.uint32)
+  sign = u & _u32(_SIGN)
+  a = u & _u32(_ABS)
+  nan = a > _u32(_INF)
+  if lo is None:
+    g = jnp.zeros_like(a)
+  else:
+    lu = lax.bitcast_convert_type(lo, jnp.uint32)
+    la = lu & _u32(_ABS)
+    has_lo = (la != 0) & (a < _u32(_INF))
+    below = has_lo & ((lu ^ u) >= _u32(_SIGN))  # lo opposite to hi: exact value is below |hi|
+    a = jnp.where(below, a - 1, a)
+  biased = lax.shift_right_logical(a, _u32(23)).astype(jnp.int32)
+  m = jnp.where(biased > 0, (a & _u32(0x7FFFFF)) | _u32(0x800000), a)
+  qx = jnp.maximum(biased, 1) - 150  # |h| = m * 2^qx
+  if lo is not None:
+    half_ulp = jnp.where(qx - 1 >= -149, _pow2_bits(jnp.maximum(qx - 1, -149)), _u32(_ABS))
+    tie = la == half_ulp
+    g = jnp.where(has_lo, jnp.where(tie, _u32(2), jnp.where(below, _u32(3), _u32(1))), _u32(0))
+  e = qx + 31 - lax.clz(m).astype(jnp.int32)  # floor(log2 |value|)
+  q = jnp.maximum(e, fmt.min_exp) if fmt.underflow == 'subnormal' else e
+  q = q - fmt.man_bits  # exponent of the target quantum
+  d = jnp.maximum(q - qx, 0)  # significand bits to drop
+  q = qx + d
+
+  m_ext = lax.shift_left(m, _u32(2)) | g
+  dx = (d + 2).astype(jnp.uint32)
+  dxc = jnp.minimum(dx, _u32(27))  # m_ext < 2^26: beyond 27 everything is remainder
+  rem = m_ext & (lax.shift_left(_u32(1), dxc) - _u32(1))
+  half = lax.shift_left(_u32(1), dxc - _u32(1))
+  odd = (lax.shift_right_logical(m_ext, dxc) & _u32(1)) == 1
+  negative = sign != 0
+  mode = fmt.rounding
+  if mode == 'nearest_even':
+    up = (rem > half) | ((rem == half) & odd)
+  elif mode == 'toward_zero':
+    up = jnp.zeros_like(negative)
+  elif mode == 'up':
+    up = (rem != 0) & ~negative
+  elif mode == 'down':
+    up = (rem != 0) & negative
+  else:  # stochastic: up iff rand < floor(discarded fraction * 2^32)
+    if rand is None:
+      raise ValueError(f"FloatFormat.rounding='stochastic' ({fmt.name}) needs a PRNG key")
+    frac32 = jnp.where(dx <= 32, lax.shift_left(rem, _u32(32) - jnp.minimum(dx, _u32(32))),
+                       lax.shift_right_logical(rem, dx - _u32(32)))
+    up = rand < frac32
+
+  dc = jnp.minimum(d, 31).astype(jnp.uint32)
+  kept = a & ~(lax.shift_left(_u32(1), dc) - _u32(1))
+  small = d >= 24  # |value| < 2^q: the result is 0 or 2^q
+  mag = jnp.where(small, jnp.where(up, _pow2_bits(jnp.minimum(q, 127)), _u32(0)),
+                  kept + lax.shift_left(up.astype(jnp.uint32), dc))
+
+  limit = _u32(limit_bits(fmt))
+  sat = (a > limit) | ((a == limit) & (g != 0))
+  if fmt.underflow == 'flush':
+    mag = jnp.where(mag < _pow2_bits(jnp.int32(fmt.min_exp)), _u32(0), mag)
+  if fmt.overflow != 'none':
+    over = mag > limit
+    if fmt.overflow == 'saturate' or mode == 'toward_zero':
+      mag = jnp.where(over, limit, mag)
+    elif mode in ('up', 'down'):
+      to_max = negative if mode == 'up' else ~negative
+      mag = jnp.where(over, jnp.where(to_max, limit, _u32(_INF)), mag)
+    else:
+      mag = jnp.where(over, _u32(_INF), mag)
+  bits = jnp.where(nan, u, sign | mag)
+  return lax.bitcast_convert_type(bits, jnp.float32), sat & ~nan
+
+
+def as_float32(x, what: str = 'x'):
+  """x as float32; floats of at most 32 bits and integers convert exactly, float64 is refused."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.float64 or x.dtype == jnp.int64 or x.dtype == jnp.uint64:
+    raise ValueError(f'{what} has dtype {x.dtype}: lowacc simulates in float32 containers; pass '
+                     'float32 (or narrower) values')
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+    raise ValueError(f'{what} has dtype {x.dtype}: expected a float or integer array')
+  return x.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _quantize_ste(x, rand, fmt):
+  return round_exact(x, None, fmt, rand)[0]
+
+
+@_quantize_ste.defjvp
+def _quantize_ste_jvp(fmt, primals, tangents):
+  x, rand = primals
+  return _quantize_ste(x, rand, fmt), tangents[0]
+
+
+def quantize(x, fmt: FloatFormat, key: Optional[jax.Array] = None):
+  """Rounds float32 `x` into `fmt` (spec section 1); the result is float32 with values in `fmt`.
+
+  rounding='stochastic' needs `key`: it rounds the magnitude up iff the word
+  `random_bits(key, x.shape)` is below floor(discarded fraction * 2^32). The gradient is
+  straight-through.
+  """
+  if not isinstance(fmt, FloatFormat):
+    raise ValueError(f'fmt must be a FloatFormat, got {fmt!r}')
+  x = as_float32(x)
+  rand = None
+  if fmt.rounding == 'stochastic':
+    if key is None:
+      raise ValueError(f"quantize: FloatFormat.rounding='stochastic' ({fmt.name}) needs key=, "
+                       'a jax PRNG key')
+    rand = random_bits(key, x.shape)
+  return _quantize_ste(x, rand, fmt)
+
+
+def _exponent_of(x):
+  """floor(log2 |x|) of finite nonzero float32 x, from its bits (subnormals included)."""
+  a = lax.bitcast_convert_type(x, jnp.uint32) & _u32(_ABS)
+  biased = lax.shift_right_logical(a, _u32(23)).astype(jnp.int32)
+  return jnp.where(biased > 0, biased - 127, -118 - lax.clz(a).astype(jnp.int32))
+
+
+def _scale(x, k):
+  """x * 2^k for int32 k in [-252, 254], exact while the result stays a float32 normal."""
+  k1 = jnp.clip(k, -126, 127)
+  k2 = jnp.clip(k - k1, -126, 127)
+  one = lambda k: lax.bitcast_convert_type(_pow2_bits(k), jnp.float32)
+  return x * one(k1) * one(k2)
+
+
+def quantize_operand(x, iq: Optional[InputQuant], reduce_axes=None):
+  """Quantizes a GEMM operand by `iq` (spec section 2), with a straight-through gradient.
+
+  reduce_axes: for scaling='per_channel_pow2', the axes max|x| is taken over (a weight's
+  contracting axes), so each remaining index gets its own power-of-two scale.
+  """
+  if iq is None:
+    return x
+  if iq.scaling == 'none':
+    return quantize(x, iq.format)
+  axes = None if iq.scaling == 'per_tensor_pow2' else reduce_axes
+  amax = lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+  usable = jnp.isfinite(amax) & (amax > 0)
+  k = jnp.where(usable, iq.format.max_exp - _exponent_of(jnp.where(usable, amax, 1.0)), 0)
+  return _scale(quantize(_scale(x, k), iq.format), -k)
