@@ -119,11 +119,14 @@ class _Chain:
     """
     cfg = self.cfg
     zero = jnp.zeros(self.out_shape, jnp.float32)
+    c = xc.shape[0]
     if cfg.order == 'chunk':
-      u = jnp.einsum('cbm,cbn->bmn', xc, wc, precision=_HIGHEST)
+      if cfg.product is None:
+        u = jnp.einsum('cbm,cbn->bmn', xc, wc, precision=_HIGHEST)
+      else:
+        u = lax.fori_loop(0, c, lambda i, u: u + self.products(xc[i], wc[i], j * c + i), zero)
       s, flags = _step(zero, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, j))
       return s, observe(init, 0, u, flags)
-    c = xc.shape[0]
 
     def body(i, carry):
       s, state = carry

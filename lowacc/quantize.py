@@ -90,7 +90,11 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
   dxc = jnp.minimum(dx, _u32(27))  # m_ext < 2^26: beyond 27 everything is remainder
   rem = m_ext & (lax.shift_left(_u32(1), dxc) - _u32(1))
   half = lax.shift_left(_u32(1), dxc - _u32(1))
-  odd = (lax.shift_right_logical(m_ext, dxc) & _u32(1)) == 1
+  kept_ext = lax.shift_right_logical(m_ext, dxc)
+  if fmt.man_bits:
+    odd = (kept_ext & _u32(1)) == 1
+  else:  # a normal M0 result is even when its exponent code e + bias is
+    odd = (kept_ext == 1) & ((e + fmt.bias) % 2 == 1)
   negative = sign != 0
   mode = fmt.rounding
   if mode == 'nearest_even':

@@ -1,0 +1,55 @@
+"""Shared helpers: bitwise comparison and inputs that hit every rounding boundary of a format."""
+
+import numpy as np
+import pytest
+
+from lowacc import FloatFormat
+
+
+def assert_bits_equal(actual, expected, context=''):
+  """Bit-for-bit equality of float32 arrays; NaNs only need to be NaNs."""
+  a = np.asarray(actual, np.float32).ravel()
+  e = np.asarray(expected, np.float32).ravel()
+  assert a.shape == e.shape, (a.shape, e.shape)
+  nan = np.isnan(e)
+  assert np.array_equal(np.isnan(a), nan), f'{context}: NaN positions differ'
+  ab, eb = a.view(np.uint32), e.view(np.uint32)
+  bad = np.flatnonzero((ab != eb) & ~nan)
+  if bad.size:
+    i = bad[:5]
+    raise AssertionError(f'{context}: {bad.size} of {a.size} differ; first at {i}: '
+                         f'got {a[i]!r} ({ab[i]}), expected {e[i]!r} ({eb[i]})')
+
+
+def boundary_inputs(fmt: FloatFormat, n: int, seed: int = 0) -> np.ndarray:
+  """float32 inputs for quantizing into `fmt`: random bit patterns (every class of float32),
+  values on the format's grid in and beyond its range, the ties between grid points, one float32
+  ulp either side of each, both overflow boundaries, min_normal, zeros, infs and NaN."""
+  rng = np.random.default_rng(seed)
+  m = fmt.man_bits
+  lo_exp, hi_exp = max(fmt.min_exp - m - 3, -149), min(fmt.max_exp + 2, 127)
+  k = n // 8
+  e = rng.integers(lo_exp, hi_exp + 1, k)
+  f = rng.integers(0, 2 ** m, k)
+  grid = np.ldexp(1 + f / 2.0 ** m, e)
+  quantum = np.ldexp(1.0, e - m)
+  ties = grid + quantum / 2
+  special = np.array([fmt.max_normal, fmt.min_normal, 2.0 ** (fmt.max_exp + 1), 0.0, -0.0,
+                      np.inf, -np.inf, np.nan, fmt.max_normal + 2.0 ** (fmt.max_exp - m - 1),
+                      fmt.min_normal / 2, 2.0 ** (fmt.min_exp - m), 2.0 ** (fmt.min_exp - m - 1),
+                      3 * 2.0 ** (fmt.min_exp - m - 1), 1.0, 3.4028235e38, 1e-45, 2.0 ** -126])
+  center = np.concatenate([grid, ties, special]).astype(np.float32)
+  center = center[np.isfinite(center) | np.isnan(center) | np.isinf(center)]
+  with np.errstate(over="ignore"):
+    up, down = np.nextafter(center, np.float32(np.inf)), np.nextafter(center, np.float32(-np.inf))
+  near = np.concatenate([center, up, down])
+  signs = np.where(rng.random(near.size) < 0.5, -1, 1).astype(np.float32)
+  near = near * signs
+  random_bits = rng.integers(0, 2 ** 32, n - near.size, dtype=np.uint64).astype(np.uint32)
+  out = np.concatenate([near, random_bits.view(np.float32)]).astype(np.float32)
+  return out[rng.permutation(out.size)]
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(1234)

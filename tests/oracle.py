@@ -1,0 +1,231 @@
+"""An independent exact model of the numeric contract, in plain Python (no JAX, no numpy).
+
+Values are Python floats (every float32 is one exactly) and sums are exact Fractions. This file
+reads the contract (../shared/spec/numerics.md) directly and shares no code with lowacc: it only
+reads a format's six fields. It models float32 arithmetic as XLA on the CPU runs it: subnormal
+operands and results of a float32 product count as signed zeros (FTZ/DAZ).
+"""
+
+import math
+import struct
+from fractions import Fraction
+
+F32_MIN_NORMAL = 2.0 ** -126
+F32_MAX = float(Fraction(2 ** 24 - 1) * Fraction(2) ** 104)
+
+
+def bits(x: float) -> int:
+  return struct.unpack('<I', struct.pack('<f', x))[0]
+
+
+def from_bits(b: int) -> float:
+  return struct.unpack('<f', struct.pack('<I', b & 0xFFFFFFFF))[0]
+
+
+def _floor_log2(a: Fraction) -> int:
+  e = a.numerator.bit_length() - a.denominator.bit_length()
+  if Fraction(2) ** e > a:
+    e -= 1
+  return e
+
+
+def _pow2(e: int) -> Fraction:
+  return Fraction(2) ** e
+
+
+class Format:
+  """A format's range, computed here from the contract's definitions."""
+
+  def __init__(self, exp_bits, man_bits, bias=None, rounding='nearest_even', underflow='flush',
+               overflow='saturate'):
+    self.E, self.M = exp_bits, man_bits
+    self.b = 2 ** (exp_bits - 1) - 1 if bias is None else bias
+    self.rounding, self.underflow, self.overflow = rounding, underflow, overflow
+    e_top = 2 ** exp_bits - (2 if overflow == 'inf' else 1)
+    self.max_normal = _pow2(e_top - self.b) * (2 - _pow2(-man_bits))
+    self.min_exp = 1 - self.b
+    self.min_normal = _pow2(self.min_exp)
+
+  @classmethod
+  def of(cls, fmt):
+    """From a lowacc FloatFormat (its fields only)."""
+    return cls(fmt.exp_bits, fmt.man_bits, fmt.bias, fmt.rounding, fmt.underflow, fmt.overflow)
+
+
+FLOAT32 = Format(8, 23, 127, 'nearest_even', 'subnormal', 'inf')
+
+
+def _round_to_odd(a: Fraction, quantum: Fraction) -> Fraction:
+  n = a / quantum
+  f = math.floor(n)
+  if n != f and f % 2 == 0:
+    f += 1
+  return f * quantum
+
+
+def round_value(v, fmt: Format, rand=None, negative_zero=False):
+  """Rounds the exact value v (Fraction, or float inf/nan) into fmt. -> (float, sat).
+
+  negative_zero: the sign of v when v == 0.
+  """
+  if isinstance(v, float) and math.isnan(v):
+    return v, False
+  negative = v < 0 or (v == 0 and negative_zero)
+  sign = -1.0 if negative else 1.0
+  a = abs(v)
+  limit = fmt.max_normal if fmt.overflow != 'none' else Fraction(F32_MAX)
+  if a == 0:
+    return sign * 0.0, False
+  sat = a > limit
+  if math.isinf(a):
+    r = a
+  else:
+    a = Fraction(a)
+    e = _floor_log2(a)
+    q = (max(e, fmt.min_exp) if fmt.underflow == 'subnormal' else e) - fmt.M
+    n = a / _pow2(q)
+    fl = math.floor(n)
+    frac = n - fl
+    mode = fmt.rounding
+    if mode == 'nearest_even':
+      # 'Even' is the encoding's last bit: a fraction bit, or for M = 0 the exponent code's.
+      odd = fl % 2 == 1 if fmt.M > 0 or fl == 0 else (q + fmt.b) % 2 == 1
+      up = frac > Fraction(1, 2) or (frac == Fraction(1, 2) and odd)
+    elif mode == 'toward_zero':
+      up = False
+    elif mode == 'up':
+      up = frac > 0 and not negative
+    elif mode == 'down':
+      up = frac > 0 and negative
+    elif mode == 'stochastic':
+      # The contract: the exact value rounded to odd at 2 bits below float32's precision, then up
+      # iff the random word is below floor(discarded fraction * 2^32).
+      a26 = _round_to_odd(a, _pow2(max(e, -126) - 23 - 2))
+      n26 = a26 / _pow2(q)
+      up = rand < math.floor((n26 - math.floor(n26)) * 2 ** 32)
+    else:
+      raise AssertionError(mode)
+    r = (fl + up) * _pow2(q)
+    if fmt.underflow == 'flush' and r < fmt.min_normal:
+      r = Fraction(0)
+  if fmt.overflow == 'none':
+    if r > Fraction(F32_MAX):
+      r = math.inf
+  elif r > fmt.max_normal:
+    to_max = (fmt.overflow == 'saturate' or fmt.rounding == 'toward_zero'
+              or (fmt.rounding == 'down' and not negative) or (fmt.rounding == 'up' and negative))
+    r = fmt.max_normal if to_max else math.inf
+  return sign * float(r), sat
+
+
+def exact(x: float):
+  return x if math.isinf(x) or math.isnan(x) else Fraction(x)
+
+
+def quantize(x: float, fmt: Format, rand=None) -> float:
+  return round_value(exact(x), fmt, rand, negative_zero=math.copysign(1, x) < 0)[0]
+
+
+def _daz(x: float) -> float:
+  return math.copysign(0.0, x) if abs(x) < F32_MIN_NORMAL else x
+
+
+def product(x: float, w: float, fmt=None, rand=None) -> float:
+  """p = Q_prod(fl32(x * w)), float32 flushing subnormal operands and results."""
+  x, w = _daz(x), _daz(w)
+  if math.isnan(x) or math.isnan(w) or (math.isinf(x) and w == 0) or (math.isinf(w) and x == 0):
+    return math.nan
+  negative = (math.copysign(1, x) < 0) != (math.copysign(1, w) < 0)
+  if math.isinf(x) or math.isinf(w):
+    p = -math.inf if negative else math.inf
+  else:
+    p = _daz(round_value(Fraction(x) * Fraction(w), FLOAT32, negative_zero=negative)[0])
+  return p if fmt is None else round_value(exact(p), fmt, rand, math.copysign(1, p) < 0)[0]
+
+
+def add(s: float, u: float):
+  """The exact sum s + u and the sign its zero takes (IEEE round-to-nearest)."""
+  if math.isnan(s) or math.isnan(u):
+    return math.nan, False
+  if math.isinf(s) or math.isinf(u):
+    if math.isinf(s) and math.isinf(u) and s != u:
+      return math.nan, False
+    return (s if math.isinf(s) else u), False
+  both_negative_zero = s == 0 and u == 0 and math.copysign(1, s) < 0 and math.copysign(1, u) < 0
+  return Fraction(s) + Fraction(u), both_negative_zero
+
+
+def step(s: float, u: float, fmt, rand=None):
+  """s_t = Q(s + u) rounded once, and the flags (sat, lost, flush) of the contract's section 4."""
+  v, negative_zero = add(s, u)
+  if fmt is None:  # a float32 sum
+    out = round_value(v, FLOAT32, negative_zero=negative_zero)[0]
+    return _daz(out), (False, False, False)
+  out, sat = round_value(v, fmt, rand, negative_zero)
+  lost = u != 0 and out == s
+  flush = out == 0 and v != 0
+  return out, (sat, lost, flush)
+
+
+def chain(xs, ws, cfg, rand=None):
+  """One output element of the simulated dot: (value, steps) where steps lists, per chunk,
+  (inner steps as (flags), the combine step's flags). rand(stream, t) gives random words."""
+  acc = Format.of(cfg.acc)
+  prod = None if cfg.product is None else Format.of(cfg.product)
+  comb = cfg.acc if cfg.combine == 'acc' else cfg.combine
+  comb = None if comb is None else Format.of(comb)
+  r = (lambda stream, t: None) if rand is None else rand
+  k = len(xs)
+  c = cfg.chunk_size or k
+  total = 0.0
+  record = []
+  for j, start in enumerate(range(0, k, c)):
+    ks = range(start, min(start + c, k))
+    inner = []
+    if cfg.order == 'fma':
+      s = 0.0
+      for t in ks:
+        s, flags = step(s, product(xs[t], ws[t], prod, r(0, t)), acc, r(1, t))
+        inner.append(flags)
+    else:
+      terms = [product(xs[t], ws[t], prod, r(0, t)) for t in ks]
+      partial = sum(Fraction(p) for p in terms)
+      if Fraction(round_value(partial, FLOAT32)[0]) != partial:
+        raise ValueError('oracle: this chunk sum is not exact in float32; choose other inputs')
+      s, flags = step(0.0, float(partial), acc, r(1, j))
+      inner.append(flags)
+    total, cflags = step(total, s, comb, r(2, j))
+    record.append((inner, cflags))
+  return total, record
+
+
+def _passes(ste, flags):
+  sat, lost, _ = flags
+  if ste.endswith('_of'):
+    return not sat
+  if ste.endswith('_diff'):
+    return not lost
+  if ste.endswith('_both'):
+    return not (sat or lost)
+  return True
+
+
+def _forgets(flags):
+  return flags[0] or flags[2]
+
+
+def factors(record, cfg):
+  """dy/du for every inner step of the chain (products for 'fma', chunk sums for 'chunk')."""
+  ste = cfg.ste
+  recursive = ste.startswith('recursive')
+  out = []
+  for j, (inner, cflags) in enumerate(record):
+    f_comb = _passes(ste, cflags)
+    if recursive:
+      f_comb = f_comb and not any(_forgets(later[1]) for later in record[j + 1:])
+    for i, flags in enumerate(inner):
+      f = _passes(ste, flags) and f_comb
+      if recursive:
+        f = f and not any(_forgets(later) for later in inner[i + 1:])
+      out.append(1 if f else 0)
+  return out
