@@ -136,13 +136,15 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
 
 
 def as_float32(x, what: str = 'x'):
-  """x as float32; floats of at most 32 bits and integers convert exactly, float64 is refused."""
+  """x as float32. Floats of at most 32 bits and integers convert exactly; 64-bit values are
+  refused when jax_enable_x64 is on (otherwise JAX itself converts them to 32 bits)."""
+  dtype = np.dtype(x.dtype) if hasattr(x, 'dtype') else np.asarray(x).dtype
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(f'{what} has dtype {dtype}: expected a float or integer array')
   x = jnp.asarray(x)
-  if x.dtype == jnp.float64 or x.dtype == jnp.int64 or x.dtype == jnp.uint64:
+  if x.dtype.itemsize > 4:
     raise ValueError(f'{what} has dtype {x.dtype}: lowacc simulates in float32 containers; pass '
                      'float32 (or narrower) values')
-  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
-    raise ValueError(f'{what} has dtype {x.dtype}: expected a float or integer array')
   return x.astype(jnp.float32)
 
 
