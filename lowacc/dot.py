@@ -389,15 +389,14 @@ class DotGeneral:
 
 
 def _count(state, flags: _Flags):
-  return {'sat': state['sat'] + jnp.sum(flags.sat, dtype=jnp.int32),
-          'lost': state['lost'] + jnp.sum(flags.lost, dtype=jnp.int32),
-          'flush': state['flush'] + jnp.sum(flags.flush, dtype=jnp.int32)}
+  """Adds the step's flags to per-element counts (summed once at the end, to keep fusion)."""
+  return {name: state[name] + getattr(flags, name).astype(jnp.int32) for name in state}
 
 
 def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
   """Counters of the simulated forward GEMM (spec section 5), as a dict of scalars.
 
-  steps, sat, lost, flush: steps of the inner chains (one per product for order 'fma', one per
+  steps (a Python int), sat, lost, flush: steps of the inner chains (one per product for order 'fma', one per
   chunk for 'chunk') and of the combine chain, and how many saturated, lost their update, or
   flushed to zero. rel_error and max_abs_error compare the output with the float32 dot of the same
   (quantized) operands.
@@ -409,13 +408,17 @@ def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
   x, w, _ = _prepare(lhs, rhs, _hashable(dimension_numbers), cfg)
   if x.shape[2] == 0:
     raise ValueError('accumulation_stats needs a non-empty contraction')
-  return _stats(fwd, x, w, key)
+  b, m, k = x.shape
+  g = -(-k // (fwd.chunk_size or k))
+  inner_steps = k if fwd.order == 'fma' else g
+  combine_steps = g if fwd.combine_format is not None else 0
+  return dict(_stats(fwd, x, w, key), steps=b * m * w.shape[2] * (inner_steps + combine_steps))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _stats(fwd: AccumulatorConfig, x, w, key):
   chain = _Chain.layout(fwd, x, w, key)
-  zero = jnp.int32(0)
+  zero = jnp.zeros(chain.out_shape, jnp.int32)
   counts0 = {'sat': zero, 'lost': zero, 'flush': zero}
 
   def per_chunk(counts, j, xc, wc, total):
@@ -426,13 +429,8 @@ def _stats(fwd: AccumulatorConfig, x, w, key):
     return total, counts, None
 
   y, counts, _ = chain.run(per_chunk, counts0)
-  b, m, n = chain.out_shape
-  g, c = chain.xs.shape[:2]
-  inner_steps = chain.k if fwd.order == 'fma' else g
-  combine_steps = g if fwd.combine_format is not None else 0
   ref = _float32_dot(x, w)
   err = y - ref
-  return dict(counts,
-              steps=jnp.int32(b * m * n * (inner_steps + combine_steps)),
+  return dict({name: jnp.sum(count) for name, count in counts.items()},
               rel_error=jnp.linalg.norm(err) / jnp.linalg.norm(ref),
               max_abs_error=jnp.max(jnp.abs(err)))
