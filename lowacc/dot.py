@@ -135,7 +135,7 @@ class _Chain:
       s, flags = _step(s, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, t))
       return s, observe(state, i, u, flags)
 
-    return lax.fori_loop(0, c, body, (zero, init), unroll=min(c, 16))
+    return lax.fori_loop(0, c, body, (zero, init))
 
   def combine(self, j, total, s):
     fmt = self.cfg.combine_format
