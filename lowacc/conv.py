@@ -12,6 +12,7 @@ import itertools
 import math
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -44,11 +45,13 @@ def patches(lhs, kernel_spatial: Sequence[int], window_strides, padding, lhs_dil
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
-                         config: AccumulatorConfig | DotConfig | None, key=None):
+                         config: AccumulatorConfig | DotConfig | None, key=None,
+                         name: Optional[str] = None):
   """`lax.conv_general_dilated` whose products are accumulated as `config` says.
 
   Bit for bit the result of `lowacc.dot_general` on the im2col patches (contraction over kernel
-  spatial dims then input channel), per feature group. batch_group_count must be 1.
+  spatial dims then input channel), per feature group. batch_group_count must be 1. name: the
+  label of the patch GEMM's counters in `collect_stats`.
   """
   if DotConfig.of(config) == DotConfig(None):
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -85,7 +88,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   cols = cols.reshape(groups, positions, taps * cin)
   kern = k.reshape(taps, cin, groups, cout // groups).transpose(2, 0, 1, 3)
   kern = kern.reshape(groups, taps * cin, cout // groups)
-  y = dot_general(cols, kern, (((2,), (1,)), ((0,), (0,))), config, key=key)
+  y = dot_general(cols, kern, (((2,), (1,)), ((0,), (0,))), config, key=key, name=name)
   y = y.transpose(1, 0, 2).reshape((n,) + tuple(out_spatial) + (cout,))
   # y is (N, spatial..., O); place each axis where out_spec wants it.
   order = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
@@ -98,13 +101,15 @@ class ConvGeneralDilated:
   """A hashable drop-in for `lax.conv_general_dilated` that simulates `config` (for Flax's
   `conv_general_dilated=`)."""
   config: Optional[AccumulatorConfig | DotConfig]
+  name: Optional[str] = None  # the label of its counters in `collect_stats`
 
   def __post_init__(self):
     DotConfig.of(self.config)
 
   def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-               precision=None, preferred_element_type=None):
-    return conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                dimension_numbers, feature_group_count, batch_group_count,
-                                precision, preferred_element_type, config=self.config)
+               precision=None, preferred_element_type=None, out_sharding=None):
+    y = conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                             dimension_numbers, feature_group_count, batch_group_count, precision,
+                             preferred_element_type, config=self.config, name=self.name)
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)

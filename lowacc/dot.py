@@ -12,12 +12,14 @@ of storing an M x N x K tensor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lowacc.formats import AccumulatorConfig, DotConfig
@@ -320,13 +322,14 @@ def _prepare(lhs, rhs, dimension_numbers, cfg: DotConfig):
 
 
 def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None,
-                preferred_element_type=None):
+                preferred_element_type=None, name: Optional[str] = None):
   """`lax.dot_general` with the accumulation simulated by `config` (spec section 3).
 
   config: an AccumulatorConfig (forward GEMM; backward GEMMs in float32), a DotConfig, or None
   (plain `lax.dot_general`). key: PRNG key for stochastic rounding. The contraction runs over the
   contracting dims flattened row-major in the order dimension_numbers gives them. `precision` is
-  accepted for signature compatibility; simulated GEMMs always compute in float32.
+  accepted for signature compatibility; simulated GEMMs always compute in float32. name: the label
+  under which `collect_stats` records this GEMM's counters.
   """
   cfg = DotConfig.of(config)
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
@@ -335,6 +338,8 @@ def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None
                            preferred_element_type=preferred_element_type)
   if cfg.fwd is not None and cfg.fwd.stochastic and key is None:
     raise ValueError("config uses rounding='stochastic': pass key= (a jax PRNG key)")
+  if _recorders and name is not None and cfg.fwd is not None and cfg.fwd.acc is not None:
+    _record(name, accumulation_stats(lhs, rhs, dimension_numbers, cfg, key=key))
   return _simulated_dot(cfg, _hashable(dimension_numbers), lhs, rhs, key).astype(out_dtype)
 
 
@@ -378,19 +383,55 @@ class DotGeneral:
   layers (`dot_general=`) and `jnp.einsum(..., _dot_general=)`. Stochastic rounding needs a key,
   which this signature cannot carry: use `lowacc.dot_general(..., key=)` for it."""
   config: Optional[AccumulatorConfig | DotConfig]
+  name: Optional[str] = None  # the label of its counters in `collect_stats`
 
   def __post_init__(self):
     DotConfig.of(self.config)
 
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-               **kwargs):
-    return dot_general(lhs, rhs, dimension_numbers, self.config, precision=precision,
-                       preferred_element_type=preferred_element_type)
+               out_sharding=None):
+    y = dot_general(lhs, rhs, dimension_numbers, self.config, precision=precision,
+                    preferred_element_type=preferred_element_type, name=self.name)
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
 
 
 def _count(state, flags: _Flags):
   """Adds the step's flags to per-element counts (summed once at the end, to keep fusion)."""
   return {name: state[name] + getattr(flags, name).astype(jnp.int32) for name in state}
+
+
+_recorders: list = []  # the dicts of the `collect_stats` blocks now open
+
+
+@contextlib.contextmanager
+def collect_stats():
+  """Within the block, every simulated GEMM that has a `name` records its counters
+  (`accumulation_stats`) into the yielded dict, name -> totals over its calls: steps, sat, lost
+  and flush summed, max_abs_error the largest, rel_error the mean. The GEMMs must run eagerly
+  (outside jit), since the counters are read as numbers."""
+  record = {}
+  _recorders.append(record)
+  try:
+    yield record
+  finally:
+    _recorders.remove(record)
+
+
+def _record(name: str, stats):
+  if any(isinstance(v, jax.core.Tracer) for v in stats.values()):
+    raise ValueError(f'collect_stats: the GEMM {name!r} runs under a JAX transformation (jit, '
+                     'grad, vmap); call the model eagerly to collect its counters')
+  stats = {k: np.asarray(v).item() for k, v in jax.device_get(stats).items()}
+  for record in _recorders:
+    old = record.get(name)
+    if old is None:
+      record[name] = dict(stats, calls=1)
+      continue
+    calls = old['calls'] + 1
+    record[name] = dict(
+        {k: old[k] + stats[k] for k in ('steps', 'sat', 'lost', 'flush')}, calls=calls,
+        max_abs_error=max(old['max_abs_error'], stats['max_abs_error']),
+        rel_error=old['rel_error'] + (stats['rel_error'] - old['rel_error']) / calls)
 
 
 def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
