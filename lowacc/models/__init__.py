@@ -1,0 +1,1 @@
+"""Models built from stock Flax NNX layers, with importers for published checkpoints."""
