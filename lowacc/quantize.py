@@ -56,72 +56,82 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
   rand: uint32 words for rounding='stochastic'.
   sat: the exact magnitude exceeded max_normal (float32's max for overflow='none').
 
-  The exact value is represented as a 24-bit integer significand h plus two bits g that round the
-  remainder to odd in quarter-ulps (g = 0, 1, 2, 3 for a remainder of 0, (0, 1/2), 1/2, (1/2, 1)
-  ulp). Rounding to at most 24 significant bits from that is exact for every deterministic mode.
+  The exact magnitude is h + delta * ulp(h), with h its float32 truncation and delta in [0, 1).
+  When at least one significand bit is dropped, deterministic rounding needs only whether
+  delta > 0 (a sticky bit). Where no bit may be dropped (man_bits=23) or the fraction itself
+  matters (stochastic), delta is kept as two more bits g, rounded to odd: g = 0, 1, 2, 3 for
+  delta = 0, (0, 1/2), 1/2, (1/2, 1).
   """
   u = lax.bitcast_convert_type(hi, jnp.uint32)
   sign = u & _u32(_SIGN)
   a = u & _u32(_ABS)
   nan = a > _u32(_INF)
-  if lo is None:
-    g = jnp.zeros_like(a)
-  else:
+  sticky = jnp.zeros(a.shape, bool)
+  if lo is not None:
     lu = lax.bitcast_convert_type(lo, jnp.uint32)
     la = lu & _u32(_ABS)
-    has_lo = (la != 0) & (a < _u32(_INF))
-    below = has_lo & ((lu ^ u) >= _u32(_SIGN))  # lo opposite to hi: exact value is below |hi|
+    sticky = (la != 0) & (a < _u32(_INF))
+    below = sticky & ((lu ^ u) >= _u32(_SIGN))  # lo opposite to hi: exact value is below |hi|
     a = jnp.where(below, a - 1, a)
   biased = lax.shift_right_logical(a, _u32(23)).astype(jnp.int32)
   m = jnp.where(biased > 0, (a & _u32(0x7FFFFF)) | _u32(0x800000), a)
   qx = jnp.maximum(biased, 1) - 150  # |h| = m * 2^qx
-  if lo is not None:
-    half_ulp = jnp.where(qx - 1 >= -149, _pow2_bits(jnp.maximum(qx - 1, -149)), _u32(_ABS))
-    tie = la == half_ulp
-    g = jnp.where(has_lo, jnp.where(tie, _u32(2), jnp.where(below, _u32(3), _u32(1))), _u32(0))
-  e = qx + 31 - lax.clz(m).astype(jnp.int32)  # floor(log2 |value|)
+  if fmt.underflow == 'none' or fmt.min_exp == -126:
+    e = qx + 31 - lax.clz(m).astype(jnp.int32)  # floor(log2 |h|), float32 subnormals too
+  else:
+    # Below float32's normal range only the format's quantum matters ('subnormal'), or every
+    # result flushes ('flush', min_normal > 2^-126): -127 stands for all those exponents.
+    e = biased - 127
   q = jnp.maximum(e, fmt.min_exp) if fmt.underflow == 'subnormal' else e
   q = q - fmt.man_bits  # exponent of the target quantum
   d = jnp.maximum(q - qx, 0)  # significand bits to drop
   q = qx + d
 
-  m_ext = lax.shift_left(m, _u32(2)) | g
-  dx = (d + 2).astype(jnp.uint32)
-  dxc = jnp.minimum(dx, _u32(27))  # m_ext < 2^26: beyond 27 everything is remainder
-  rem = m_ext & (lax.shift_left(_u32(1), dxc) - _u32(1))
-  half = lax.shift_left(_u32(1), dxc - _u32(1))
-  kept_ext = lax.shift_right_logical(m_ext, dxc)
+  precise = fmt.man_bits == 23 or fmt.rounding == 'stochastic'
+  if precise:
+    g = jnp.zeros_like(a)
+    if lo is not None:
+      half_ulp = jnp.where(qx - 1 >= -149, _pow2_bits(jnp.maximum(qx - 1, -149)), _u32(_ABS))
+      g = jnp.where(sticky, jnp.where(la == half_ulp, _u32(2), jnp.where(below, _u32(3), _u32(1))),
+                    _u32(0))
+    m_r, shift, sticky = lax.shift_left(m, _u32(2)) | g, (d + 2).astype(jnp.uint32), g != 0
+    sticky_r = jnp.zeros_like(sticky)
+  else:
+    m_r, shift, sticky_r = m, d.astype(jnp.uint32), sticky
+  sc = jnp.clip(shift, _u32(1), _u32(27))  # m_r < 2^26: beyond 27 everything is remainder
+  rem = m_r & (lax.shift_left(_u32(1), sc) - _u32(1))
+  half = lax.shift_left(_u32(1), sc - _u32(1))
+  kept_r = lax.shift_right_logical(m_r, sc)
   if fmt.man_bits:
-    odd = (kept_ext & _u32(1)) == 1
+    odd = (kept_r & _u32(1)) == 1
   else:  # a normal M0 result is even when its exponent code e + bias is
-    odd = (kept_ext == 1) & ((e + fmt.bias) % 2 == 1)
+    odd = (kept_r == 1) & ((e + fmt.bias) % 2 == 1)
   negative = sign != 0
   mode = fmt.rounding
   if mode == 'nearest_even':
-    up = (rem > half) | ((rem == half) & odd)
+    up = (rem > half) | ((rem == half) & (sticky_r | odd))
   elif mode == 'toward_zero':
     up = jnp.zeros_like(negative)
-  elif mode == 'up':
-    up = (rem != 0) & ~negative
-  elif mode == 'down':
-    up = (rem != 0) & negative
+  elif mode in ('up', 'down'):
+    up = ((rem != 0) | sticky_r) & (negative if mode == 'down' else ~negative)
   else:  # stochastic: up iff rand < floor(discarded fraction * 2^32)
     if rand is None:
       raise ValueError(f"FloatFormat.rounding='stochastic' ({fmt.name}) needs a PRNG key")
-    frac32 = jnp.where(dx <= 32, lax.shift_left(rem, _u32(32) - jnp.minimum(dx, _u32(32))),
-                       lax.shift_right_logical(rem, dx - _u32(32)))
+    frac32 = jnp.where(shift <= 32, lax.shift_left(rem, _u32(32) - jnp.minimum(shift, _u32(32))),
+                       lax.shift_right_logical(rem, shift - _u32(32)))
     up = rand < frac32
+  up &= shift > 0
 
   dc = jnp.minimum(d, 31).astype(jnp.uint32)
   kept = a & ~(lax.shift_left(_u32(1), dc) - _u32(1))
-  small = d >= 24  # |value| < 2^q: the result is 0 or 2^q
-  mag = jnp.where(small, jnp.where(up, _pow2_bits(jnp.minimum(q, 127)), _u32(0)),
-                  kept + lax.shift_left(up.astype(jnp.uint32), dc))
+  mag = kept + lax.shift_left(up.astype(jnp.uint32), dc)
+  if fmt.underflow == 'subnormal':  # |value| < 2^q: the result is 0 or 2^q
+    mag = jnp.where(d >= 24, jnp.where(up, _pow2_bits(jnp.minimum(q, 127)), _u32(0)), mag)
 
   limit = _u32(limit_bits(fmt))
-  sat = (a > limit) | ((a == limit) & (g != 0))
+  sat = (a > limit) | ((a == limit) & sticky)
   if fmt.underflow == 'flush':
-    mag = jnp.where(mag < _pow2_bits(jnp.int32(fmt.min_exp)), _u32(0), mag)
+    mag = jnp.where(mag < _u32((fmt.min_exp + 127) << 23), _u32(0), mag)
   if fmt.overflow != 'none':
     over = mag > limit
     if fmt.overflow == 'saturate' or mode == 'toward_zero':
