@@ -68,21 +68,24 @@ def resnet_conv(batch=8):
   return out
 
 
+def machine() -> str:
+  return (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+          f'{jax.devices()[0].device_kind}, jax {jax.__version__}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--out', help='write the figures as JSON here')
   args = parser.parse_args()
-  machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
-             f'{jax.devices()[0].device_kind}, jax {jax.__version__}')
   results = {**gemm(), **resnet_conv()}
-  print(f'machine: {machine}')
+  print(f'machine: {machine()}')
   print(f'{"benchmark":<34} {"x float32":>10} {"G MAC/s":>9}')
   for name, r in results.items():
     gmacs = f'{r["gmac_per_s"]:.3f}' if 'gmac_per_s' in r else '-'
     print(f'{name:<34} {r["ratio"]:>10.1f} {gmacs:>9}')
   if args.out:
     with open(args.out, 'w') as f:
-      json.dump(dict(machine=machine, results=results), f, indent=1)
+      json.dump(dict(machine=machine(), results=results), f, indent=1)
 
 
 if __name__ == '__main__':

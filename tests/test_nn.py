@@ -155,3 +155,44 @@ def test_einsum_matches_jnp_einsum(equation, sa, sb, rng):
 def test_einsum_errors(equation):
   with pytest.raises(ValueError, match='einsum equation'):
     lowacc.nn.einsum(equation, np.ones((3, 3)), np.ones((3, 3)))
+
+
+def _tiny_bert():
+  from lowacc.models import bert
+  config = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=16)
+  model = bert.BertForSequenceClassification(config, 3, rngs=nnx.Rngs(0))
+  model.eval()
+  return model
+
+
+def test_policy_on_bert_float32_equals_plain_and_counts_every_gemm(rng):
+  ids = rng.integers(0, 50, (2, 8)).astype(np.int32)
+  plain, model = _tiny_bert(), _tiny_bert()
+  assigned = apply_policy(model, Policy.everywhere(AccumulatorConfig(acc=None)))
+  # 2 layers x (q, k, v, attention output, intermediate, output, qk, pv) + pooler + classifier
+  assert len(assigned) == 2 * 8 + 2
+  assert_bits_equal(model(ids), plain(ids), 'acc=None everywhere')
+  apply_policy(model, Policy.everywhere(lowacc.PAPER_M7E4))
+  assert not np.array_equal(np.asarray(model(ids)), np.asarray(plain(ids)))
+  stats = layer_stats(model, ids)
+  assert set(stats) == set(assigned)
+  assert all(s['steps'] > 0 for s in stats.values())
+  assert stats['bert/encoder/layer/0/attention/self/qk']['steps'] == 2 * 2 * 8 * 8 * (8 + 1)
+  assert sum(s['lost'] + s['flush'] for s in stats.values()) > 0
+
+
+def test_policy_on_resnet_skips_first_and_last(rng):
+  from lowacc.models import resnet
+  model = resnet.resnet18(num_classes=4, stem='cifar', in_channels=1, width=2, rngs=nnx.Rngs(0))
+  model.eval()
+  assigned = apply_policy(model, Policy.everywhere(lowacc.PAPER_M7E4, skip=('^conv1$', '^fc$')))
+  assert assigned['conv1'] is None and assigned['fc'] is None
+  assert assigned['layer4/1/conv2'] == lowacc.PAPER_M7E4
+  assert assigned['layer2/0/downsample/0'] == lowacc.PAPER_M7E4
+  assert len(assigned) == 21  # 20 convs (3 of them downsample) and fc
+  stats = layer_stats(model, rng.standard_normal((1, 8, 8, 1)).astype(np.float32))
+  assert set(stats) == {name for name, c in assigned.items() if c is not None}
+  # layer1's 3x3 convs: 8x8 outputs x 2 channels, K = 9 * 2 = 18 -> 18 products + 2 combines.
+  assert stats['layer1/0/conv1']['steps'] == 8 * 8 * 2 * (18 + 2)

@@ -1,0 +1,64 @@
+"""Fine-tuning steps with the M7E4 accumulator in every GEMM, as ratios to the float32 step:
+ResNet-18 (32x32 inputs, batch 32) and BERT of MiniLM-L6's size (sequence 128, batch 8).
+
+python -m benchmarks.bench_models
+"""
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+import lowacc
+from benchmarks.bench_core import CHUNK, FMA, machine, seconds
+from lowacc.models import bert, resnet
+from lowacc.nn import Policy, apply_policy
+
+
+def _step_seconds(model, loss, batch, policy):
+  apply_policy(model, policy)
+  optimizer = nnx.Optimizer(model, optax.sgd(1e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    value, grads = nnx.value_and_grad(loss)(model, batch)
+    optimizer.update(model, grads)
+    return value
+
+  return seconds(step, model, optimizer, batch, repeats=2)
+
+
+def _ratios(name, model, loss, batch):
+  base = _step_seconds(model, loss, batch, Policy.everywhere(None))
+  return {f'{name} step {order}': dict(ratio=_step_seconds(model, loss, batch,
+                                                           Policy.everywhere(cfg)) / base)
+          for order, cfg in (('chunk', CHUNK), ('fma', FMA))}
+
+
+def resnet18_step():
+  model = resnet.resnet18(num_classes=10, stem='cifar', rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  batch = dict(image=rng.standard_normal((32, 32, 32, 3)).astype(np.float32),
+               label=rng.integers(0, 10, 32))
+  loss = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(
+      m(b['image']), b['label']).mean()
+  return _ratios('resnet18 32x32 b32', model, loss, batch)
+
+
+def bert_step():
+  config = bert.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                           num_attention_heads=12, intermediate_size=1536,
+                           max_position_embeddings=512)
+  model = bert.BertForSequenceClassification(config, 2, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  batch = dict(input_ids=rng.integers(0, 30522, (8, 128)).astype(np.int32),
+               label=rng.integers(0, 2, 8))
+  loss = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(
+      m(b['input_ids']), b['label']).mean()
+  return _ratios('bert minilm-size s128 b8', model, loss, batch)
+
+
+if __name__ == '__main__':
+  print(f'machine: {machine()}')
+  for name, r in {**resnet18_step(), **bert_step()}.items():
+    print(f'{name:<34} {r["ratio"]:>8.1f} x float32')
