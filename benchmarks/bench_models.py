@@ -4,12 +4,10 @@ ResNet-18 (32x32 inputs, batch 32) and BERT of MiniLM-L6's size (sequence 128, b
 python -m benchmarks.bench_models
 """
 
-import jax
 import numpy as np
 import optax
 from flax import nnx
 
-import lowacc
 from benchmarks.bench_core import CHUNK, FMA, machine, seconds
 from lowacc.models import bert, resnet
 from lowacc.nn import Policy, apply_policy

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Union
+from typing import Union
 
 import jax.numpy as jnp
 from flax import nnx

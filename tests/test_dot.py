@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 import lowacc
-from lowacc import AccumulatorConfig, FloatFormat, InputQuant
+from lowacc import AccumulatorConfig, FloatFormat
 from lowacc.quantize import random_bits
 from tests import oracle
 from tests.conftest import assert_bits_equal

@@ -283,7 +283,7 @@ def test_train_mode_matches_torch_and_updates_running_mean():
   """Training-mode BatchNorm normalizes with the batch's statistics in both, and torch's momentum
   0.1 is flax's 0.9: the running means agree after a step. (The running variances differ by
   design: torch updates them with the unbiased batch variance.)"""
-  torch = pytest.importorskip('torch')
+  pytest.importorskip('torch')
   torch_model = _random_torch_model('resnet18', seed=1, stem='cifar')
   model = _abstract('resnet18', num_classes=10, stem='cifar', width=8)
   load_torchvision(model, {k: v.numpy() for k, v in torch_model.state_dict().items()})

@@ -36,6 +36,7 @@ import tokenizers
 from flax import nnx
 from jax import lax
 
+from lowacc.models.mismatch import listing, mismatch_detail
 from lowacc.nn import Einsum
 
 PathLike = Union[str, os.PathLike]
@@ -361,11 +362,6 @@ class LoadReport:
   skipped: tuple[str, ...]
 
 
-def _listing(title: str, lines: Sequence[str], limit: int = 8) -> str:
-  more = f'\n    ... and {len(lines) - limit} more' if len(lines) > limit else ''
-  return f'\n  {title} ({len(lines)}):\n    ' + '\n    '.join(lines[:limit]) + more
-
-
 def _checkpoint_tensors(path: pathlib.Path) -> dict[str, tuple[str, np.ndarray]]:
   """HF name (no `bert.` prefix, LayerNorm gamma/beta renamed) -> (checkpoint key, array)."""
   tensors = {}
@@ -408,13 +404,7 @@ def load_hf_bert(model: BertLike, checkpoint_dir: PathLike) -> LoadReport:
   wrong = [f'{tensors[n][0]}: checkpoint {tensors[n][1].shape}, model {e.hf_shape}'
            for n, e in entries.items() if n in tensors and tensors[n][1].shape != e.hf_shape]
   if missing or unused or wrong:
-    detail = ''
-    if wrong:
-      detail += _listing('shapes that differ (HF layout)', wrong)
-    if missing:
-      detail += _listing('model parameters missing from the checkpoint', missing)
-    if unused:
-      detail += _listing('checkpoint keys the model does not have', unused)
+    detail = mismatch_detail(wrong, missing, unused, 'HF')
     fix = (f"build the model with BertConfig.from_json('{config_path}')" if config_path.is_file()
            else "the model's BertConfig must match the checkpoint's architecture")
     raise ValueError(f'load_hf_bert: {path} does not match the model; {fix}.{detail}')
@@ -426,7 +416,7 @@ def load_hf_bert(model: BertLike, checkpoint_dir: PathLike) -> LoadReport:
     if differ:
       raise ValueError(f'load_hf_bert: {config_path} does not match the model config; build the '
                        f"model with BertConfig.from_json('{config_path}')."
-                       + _listing('fields that differ', differ))
+                       + listing('fields that differ', differ))
   for name, e in entries.items():
     if name in tensors:
       value = tensors[name][1]

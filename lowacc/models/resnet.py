@@ -28,6 +28,8 @@ import safetensors.numpy
 from flax import nnx
 from jax import lax
 
+from lowacc.models.mismatch import mismatch_detail
+
 STEMS = ('imagenet', 'cifar')
 
 # torchvision's inits: kaiming_normal_(mode='fan_out', nonlinearity='relu') for convs; nn.Linear's
@@ -240,11 +242,6 @@ def _architecture(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str]:
   return f'{name}({", ".join(args)})', evidence
 
 
-def _listing(title: str, lines: Sequence[str], limit: int = 8) -> str:
-  more = f'\n    ... and {len(lines) - limit} more' if len(lines) > limit else ''
-  return f'\n  {title} ({len(lines)}):\n    ' + '\n    '.join(lines[:limit]) + more
-
-
 def _mismatch_error(expected, found) -> ValueError:
   """Names what differs between the model's and the checkpoint's keys and shapes, and the fix."""
   missing = [k for k in expected if k not in found]
@@ -263,13 +260,7 @@ def _mismatch_error(expected, found) -> ValueError:
   else:
     head = ('the checkpoint does not match the model it appears to be for, '
             f'{model_arch}: it is incomplete, altered or not a torchvision ResNet state dict')
-  detail = ''
-  if missing:
-    detail += _listing('model parameters missing from the checkpoint', missing)
-  if unused:
-    detail += _listing('checkpoint keys the model does not have', unused)
-  if wrong:
-    detail += _listing('shapes that differ (torch layout)', wrong)
+  detail = mismatch_detail(wrong, missing, unused, 'torch')
   return ValueError(f'load_torchvision: {head}.{detail}')
 
 
