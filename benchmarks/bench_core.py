@@ -38,7 +38,10 @@ def gemm(n=1024):
   macs = n ** 3
   base = seconds(jax.jit(jnp.dot), x, w)
   g = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
-  grad = lambda dot: jax.jit(jax.grad(lambda a, b: jnp.vdot(dot(a, b), g), argnums=(0, 1)))
+  # value_and_grad: with grad alone XLA would drop the forward, which the identity backward
+  # does not need.
+  grad = lambda dot: jax.jit(jax.value_and_grad(lambda a, b: jnp.vdot(dot(a, b), g),
+                                                argnums=(0, 1)))
   base_grad = seconds(grad(jnp.dot), x, w)
   out = {}
   for name, cfg in (('chunk', CHUNK), ('fma', FMA)):
