@@ -84,6 +84,16 @@ def test_bert_configs_on_mock_data(get_config, dataset, version, tmp_path):
   _check_outputs(str(tmp_path / 'run'), results, ('baseline', 'zero_shot', 'stage1', 'stage2'))
 
 
+def test_minilm_on_the_offline_review_set(tmp_path):
+  _minilm()
+  from configs import text_minilm
+  config = text_minilm.get_config('runlocal')
+  config.accumulator.attention = False
+  results = train.run(config, str(tmp_path / 'run'))
+  _check_outputs(str(tmp_path / 'run'), results,
+                 ('pretrain', 'baseline', 'zero_shot', 'stage1', 'stage2'))
+
+
 def _main(workdir, *overrides):
   return [sys.executable, '-m', 'experiments.main', '--config=configs/demo.py:runlocal',
           f'--workdir={workdir}', '--config.zero_shot=("float32",)', '--config.stage1.steps=6',
