@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from ml_collections import ConfigDict
 
 from experiments.train import make_train_step, parse_format
 from lowacc import AccumulatorConfig
@@ -67,7 +68,6 @@ def _accuracy(model, source) -> float:
 
 def train_one(fmt: str, chunk: int, ste: str, seed: int) -> float:
   """Test accuracy of an MLP trained from scratch with the accumulator in every GEMM."""
-  from ml_collections import ConfigDict
   acc = parse_format(fmt, ConfigDict(dict(rounding=FLAGS.rounding, underflow='flush',
                                           overflow='saturate')))
   # Products get the accumulator's widths with bias + 2, as the paper's M7E4 (10 -> 12).
