@@ -33,6 +33,9 @@ def get_config():
       num_classes=1000,
   ))
   c.pretrained = ''  # resnet: torchvision state dict (.safetensors); bert: HF checkpoint directory
+  # A model another run exported (<workdir>/models/<phase>): its weights replace the pretrained ones,
+  # e.g. to fine-tune a sweep's points from one float32 model.
+  c.init_from = ''
   c.data = ml_collections.ConfigDict(dict(
       name='imagenet',      # mnist | fashion_mnist | imagenet | glue | squad | offline_text
       data_dir='',          # tfds data_dir for imagenet, glue, squad

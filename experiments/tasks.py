@@ -79,10 +79,10 @@ class ImageClassification(_Task):
     if config.pretrained and not os.path.isfile(config.pretrained):
       raise FileNotFoundError(f'config.pretrained={config.pretrained!r} does not exist: give a '
                               'torchvision ResNet state dict saved as .safetensors')
-    if not config.pretrained and config.pretrain.steps == 0:
+    if not config.pretrained and not config.init_from and config.pretrain.steps == 0:
       raise ValueError('config.pretrained is empty and config.pretrain.steps=0: give pretrained '
-                       'weights (a torchvision state dict as .safetensors), or train from scratch '
-                       'in float32 with config.pretrain.steps=-1 (epochs) or > 0')
+                       'weights (a torchvision state dict as .safetensors) or config.init_from, or '
+                       'train from scratch in float32 with config.pretrain.steps=-1 (epochs) or > 0')
     self.sources(config)
 
   def sources(self, config):

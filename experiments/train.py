@@ -7,9 +7,11 @@ zero-shot under a sweep of accumulators, fine-tune in two stages (underflow off,
   zero_shot  evaluation under each accumulator of config.zero_shot (no training)
   stage1     fine-tuning with config.accumulator and underflow 'none', then evaluation
   stage2     fine-tuning with underflow config.accumulator.underflow, then evaluation
-A phase with 0 steps is skipped. Training phases checkpoint with orbax every
-config.checkpoint_every_steps (model, optimizer, phase, step); a restarted run continues from the
-last checkpoint with nothing lost, and finished phases are read back from results.json.
+A phase with 0 steps is skipped; a finished training phase exports its model to
+<workdir>/models/<phase> (what `config.init_from` and experiments.sweep load). Training phases
+checkpoint with orbax every config.checkpoint_every_steps (model, optimizer, phase, step); a
+restarted run continues from the last checkpoint with nothing lost, and finished phases are read
+back from results.json.
 """
 
 from __future__ import annotations
@@ -77,6 +79,27 @@ def _float32_policy():
   return Policy.everywhere(None)
 
 
+def export_model(model: nnx.Module, path: str) -> None:
+  """Writes the model's state (weights, batch statistics) to the directory `path`."""
+  ocp.StandardCheckpointer().save(os.path.abspath(path), nnx.to_pure_dict(nnx.state(model)),
+                                  force=True)
+
+
+def load_model(model: nnx.Module, path: str) -> None:
+  """Replaces the model's state with the one `export_model` wrote to `path`."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'model export {path!r} does not exist: give a <workdir>/models/<phase> '
+                            'directory that a finished training phase wrote')
+  state = nnx.state(model)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'model export {path!r} does not fit this model: {e}') from e
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
+
+
 def make_train_step(task):
   """A jitted SGD step: (model, optimizer, batch) -> metrics, updating model and optimizer."""
 
@@ -102,6 +125,8 @@ class _Run:
     self.model = self.task.create_model(nnx.Rngs(config.seed))
     if config.pretrained:
       self.task.load_pretrained(self.model, config.pretrained)
+    if config.init_from:
+      load_model(self.model, config.init_from)
     self.log = reporting.MetricLog(workdir)
     self.results = reporting.load_results(workdir)
     self.checkpoints = ocp.CheckpointManager(
@@ -216,6 +241,7 @@ class _Run:
       if done % self.config.checkpoint_every_steps == 0 or done == steps:
         self.save(phase, done, optimizer)
     bar.close()
+    export_model(self.model, os.path.join(self.workdir, 'models', phase))
 
 
 _PHASES = ('pretrain', 'baseline', 'zero_shot', 'stage1', 'stage2')
