@@ -110,6 +110,11 @@ class ImageClassification(_Task):
     resnet.load_torchvision(model, path)
 
   @staticmethod
+  def inputs(batch):
+    """The model's positional inputs in a batch."""
+    return (batch['image'],)
+
+  @staticmethod
   def loss(model, batch):
     logits = model(batch['image'])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()

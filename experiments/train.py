@@ -81,8 +81,9 @@ def _float32_policy():
 
 def export_model(model: nnx.Module, path: str) -> None:
   """Writes the model's state (weights, batch statistics) to the directory `path`."""
-  ocp.StandardCheckpointer().save(os.path.abspath(path), nnx.to_pure_dict(nnx.state(model)),
-                                  force=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), nnx.to_pure_dict(nnx.state(model)), force=True)
+  checkpointer.wait_until_finished()
 
 
 def load_model(model: nnx.Module, path: str) -> None:
@@ -98,6 +99,33 @@ def load_model(model: nnx.Module, path: str) -> None:
     raise ValueError(f'model export {path!r} does not fit this model: {e}') from e
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, state)
+
+
+def build(config: ml_collections.ConfigDict):
+  """(task, model) of a config: checked before any work (missing data, weights, tokenizer), with
+  the pretrained weights and then config.init_from loaded."""
+  task = tasks.create(config)
+  task.check(config)
+  model = task.create_model(nnx.Rngs(config.seed))
+  if config.pretrained:
+    task.load_pretrained(model, config.pretrained)
+  if config.init_from:
+    load_model(model, config.init_from)
+  return task, model
+
+
+def evaluate(task, model, config, policy: Policy, label: str, place=lambda batch: batch) -> float:
+  """The task's metric of `model` on the evaluation set with the accumulators of `policy`."""
+  apply_policy(model, policy)
+  model.eval()
+  totals: dict[str, float] = {}
+  step = nnx.jit(task.eval_metrics)
+  for batch in tqdm.tqdm(task.eval_batches(config), desc=f'eval {label}', unit='batch',
+                         leave=False):
+    for k, v in jax.device_get(step(model, place(batch))).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  model.train()
+  return task.summarize(totals)
 
 
 def make_train_step(task):
@@ -118,15 +146,9 @@ class _Run:
   def __init__(self, config, workdir):
     self.config = config
     self.workdir = workdir
-    self.task = tasks.create(config)
-    self.task.check(config)  # fails before any work: missing data, weights, tokenizer
+    self.task, self.model = build(config)
     self.mesh = jax.make_mesh((jax.device_count(),), ('data',),
                               axis_types=(jax.sharding.AxisType.Auto,))
-    self.model = self.task.create_model(nnx.Rngs(config.seed))
-    if config.pretrained:
-      self.task.load_pretrained(self.model, config.pretrained)
-    if config.init_from:
-      load_model(self.model, config.init_from)
     self.log = reporting.MetricLog(workdir)
     self.results = reporting.load_results(workdir)
     self.checkpoints = ocp.CheckpointManager(
@@ -146,16 +168,7 @@ class _Run:
   # -- evaluation -------------------------------------------------------------------------------
 
   def evaluate(self, policy: Policy, label: str) -> float:
-    apply_policy(self.model, policy)
-    self.model.eval()
-    totals: dict[str, float] = {}
-    step = nnx.jit(self.task.eval_metrics)
-    batches = self.task.eval_batches(self.config)
-    for batch in tqdm.tqdm(batches, desc=f'eval {label}', unit='batch', leave=False):
-      for k, v in jax.device_get(step(self.model, self.shard(batch))).items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    self.model.train()
-    return self.task.summarize(totals)
+    return evaluate(self.task, self.model, self.config, policy, label, place=self.shard)
 
   # -- training ---------------------------------------------------------------------------------
 

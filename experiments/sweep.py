@@ -1,0 +1,232 @@
+"""One trained model across a grid of accumulators: zero-shot accuracy and per-layer telemetry at
+every point, and the two-stage fine-tuning at chosen points.
+
+python -m experiments.sweep --config=configs/demo.py --model=runs/demo/models/pretrain \
+    --out=results/sweep_demo --finetune=M7E4b10,M6E5,M5E4
+
+Axes (--axes), each point otherwise config.accumulator's settings:
+  width     mantissa 3..10 x exponent 3..6 (--mantissas, --exponents), IEEE bias (the paper's
+            zero-shot table)
+  bias      M7E4 with accumulator bias 4..14 (the product bias follows, + product_bias_offset)
+  chunk     M7E4b10 with chunk sizes 1..128 and one chunk of the whole contraction
+  rounding  M7E4b10 with each deterministic rounding mode
+--model is a model export (<workdir>/models/<phase>); empty: config.pretrained's weights.
+Writes <out>.json and <out>.md; finished points are kept in <out>.points.jsonl, so a killed sweep
+resumes where it stopped. Fine-tuning runs the recipe (experiments.train) per point in
+<out>_finetune/<format>, which resumes as any run does.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import train
+from lowacc.nn import apply_policy, layer_stats, rates
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'The experiment config (configs/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('model', '', 'A model export (<workdir>/models/<phase>) to evaluate; empty: '
+                    "the config's pretrained weights.")
+flags.DEFINE_list('axes', ['width', 'bias', 'chunk', 'rounding'], 'Grid axes to sweep.')
+flags.DEFINE_list('finetune', [], "Formats to fine-tune at with the two-stage recipe ('M6E5').")
+flags.DEFINE_integer('procs', 2, 'Processes evaluating points in parallel.')
+flags.DEFINE_integer('stats_examples', 32, 'Evaluation examples the per-layer telemetry runs on.')
+flags.DEFINE_string('out', None, 'Output path prefix (.json, .md).')
+flags.mark_flags_as_required(['config', 'out'])
+
+flags.DEFINE_list('mantissas', [str(m) for m in range(3, 11)], 'Mantissa bits of the width axis.')
+flags.DEFINE_list('exponents', ['3', '4', '5', '6'], 'Exponent bits of the width axis.')
+
+
+def axes(mantissas=range(3, 11), exponents=range(3, 7)) -> dict[str, list[dict]]:
+  """Each axis's points: the accumulator settings that differ from config.accumulator's."""
+  return {
+    'width': [dict(format=f'M{m}E{e}') for e in exponents for m in mantissas],
+    'bias': [dict(format=f'M7E4b{b}') for b in range(4, 15)],
+    'chunk': [dict(format='M7E4b10', chunk_size=c) for c in (1, 2, 4, 8, 16, 32, 64, 128, 0)],
+    'rounding': [dict(format='M7E4b10', rounding=r)
+                 for r in ('toward_zero', 'nearest_even', 'down', 'up')],
+  }
+
+
+def points(names, grid: dict[str, list[dict]]) -> list[dict]:
+  """The float32 baseline, then every point of the named axes in order."""
+  for name in names:
+    if name not in grid:
+      raise ValueError(f'--axes contains {name!r}: valid axes are {tuple(grid)}')
+  return [dict(axis='baseline', format='float32')] + [dict(p, axis=n) for n in names
+                                                       for p in grid[n]]
+
+
+def configure(config: ml_collections.ConfigDict, point: dict) -> ml_collections.ConfigDict:
+  """config with config.accumulator set to the point's format, chunk size and rounding."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.accumulator.format = point['format']
+  for field in ('chunk_size', 'rounding'):
+    if field in point:
+      config.accumulator[field] = point[field]
+  return config
+
+
+def bits(fmt: str) -> int:
+  """Total width of a 'M<m>E<e>[b<bias>]' format: sign, exponent and mantissa bits."""
+  if fmt == 'float32':
+    return 32
+  man, exp = fmt[1:].split('E')
+  return 1 + int(man) + int(exp.split('b')[0])
+
+
+class Evaluator:
+  """One model and its evaluation set; scores accumulator points."""
+
+  def __init__(self, config_dict: dict, model_path: str, stats_examples: int):
+    self.config = ml_collections.ConfigDict(config_dict)
+    self.config.init_from = model_path or self.config.init_from
+    self.task, self.model = train.build(self.config)
+    batch = next(iter(self.task.eval_batches(self.config)))
+    self.stats_batch = {k: np.asarray(v)[:stats_examples] for k, v in batch.items()}
+
+  def __call__(self, point: dict) -> dict:
+    config = configure(self.config, point)
+    fmt = point['format']
+    policy = train.policy_for(config, None if fmt == 'float32' else fmt)
+    metric = train.evaluate(self.task, self.model, config, policy, fmt)
+    layers = {}
+    if fmt != 'float32':
+      apply_policy(self.model, policy)
+      self.model.eval()
+      layers = rates(jax.device_get(layer_stats(self.model, *self.task.inputs(self.stats_batch))))
+      self.model.train()
+    return dict(point, bits=bits(fmt), metric=metric, layers=layers)
+
+
+_WORKER: Evaluator | None = None
+
+
+def _start_worker(*args):
+  global _WORKER
+  _WORKER = Evaluator(*args)
+
+
+def _score(point):
+  return _WORKER(point)
+
+
+def zero_shot(config, model_path: str, todo: list[dict], procs: int, stats_examples: int,
+              done_path: str):
+  """Scores the points of `todo` in `procs` processes, appending each to done_path as it ends."""
+  args = (config.to_dict(), model_path, stats_examples)
+  with open(done_path, 'a') as done:
+    if procs <= 1:
+      scored = map(Evaluator(*args), todo)
+      pool = None
+    else:
+      pool = multiprocessing.get_context('spawn').Pool(procs, _start_worker, args)
+      scored = pool.imap_unordered(_score, todo)
+    for row in scored:
+      done.write(json.dumps(row) + '\n')
+      done.flush()
+      print(f"{row['axis']:<9} {row['format']:<9} chunk={row.get('chunk_size', '-')!s:<4} "
+            f"{row.get('rounding', ''):<12} {100 * row['metric']:6.2f}", flush=True)
+    if pool is not None:
+      pool.close()
+      pool.join()
+
+
+def finetune(config, model_path: str, fmt: str, workdir: str) -> dict:
+  """The recipe's stages 1 and 2 at `fmt`, from the swept model; returns its results."""
+  config = configure(config, dict(format=fmt))
+  config.init_from = model_path or config.init_from
+  config.pretrain.steps = 0
+  config.zero_shot = (fmt,)
+  results = train.run(config, workdir)
+  return dict(format=fmt, bits=bits(fmt), baseline=results['baseline']['float32'],
+              zero_shot=results['zero_shot'][fmt], stage1=results['stage1'][fmt],
+              stage2=results['stage2'][fmt])
+
+
+def _key(point: dict) -> str:
+  return json.dumps({k: point[k] for k in sorted(point) if k in ('axis', 'format', 'chunk_size',
+                                                                  'rounding')})
+
+
+def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
+  """The sweep as tables: the width grid pivoted (mantissa x exponent), the other axes as lists."""
+  name = config.metric_name
+  base = next(r['metric'] for r in rows if r['axis'] == 'baseline')
+  out = [f'# {config.name}: accumulator sweep', '', f'float32 baseline {name}: {100 * base:.2f}']
+  width = {r['format']: r['metric'] for r in rows if r['axis'] == 'width'}
+  if width:
+    exps = sorted({int(f.split('E')[1]) for f in width})
+    mans = sorted({int(f[1:].split('E')[0]) for f in width}, reverse=True)
+    out += ['', f'## Zero-shot {name} (%), IEEE bias: mantissa bits (rows) x exponent bits',
+            '', '| M \\ E | ' + ' | '.join(map(str, exps)) + ' |', '|---' * (len(exps) + 1) + '|']
+    out += [f'| {m} | ' + ' | '.join(f"{100 * width[f'M{m}E{e}']:.2f}" for e in exps) + ' |'
+            for m in mans]
+  for axis, field in (('bias', 'format'), ('chunk', 'chunk_size'), ('rounding', 'rounding')):
+    axis_rows = [r for r in rows if r['axis'] == axis]
+    if axis_rows:
+      out += ['', f'## Zero-shot {name} (%) against {axis}, M7E4', '', f'| {field} | {name} |',
+              '|---|---|']
+      out += [f"| {r[field] if r[field] != 0 else 'none'} | {100 * r['metric']:.2f} |"
+              for r in axis_rows]
+  if tuned:
+    out += ['', f'## Two-stage fine-tuning ({name}, %)', '',
+            '| accumulator | bits | float32 | zero-shot | stage 1 | stage 2 |', '|---' * 6 + '|']
+    out += [f"| {t['format']} | {t['bits']} | {100 * t['baseline']:.2f} | "
+            f"{100 * t['zero_shot']:.2f} | {100 * t['stage1']:.2f} | {100 * t['stage2']:.2f} |"
+            for t in tuned]
+  return '\n'.join(out) + '\n'
+
+
+def sweep(config, model_path: str, names, grid, finetune_formats, procs: int,
+          stats_examples: int, out: str) -> dict:
+  """Runs the sweep (resuming) and writes <out>.json and <out>.md; returns the JSON's content."""
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  done_path = out + '.points.jsonl'
+  done = {}
+  if os.path.exists(done_path):
+    with open(done_path) as f:
+      done = {_key(row): row for row in map(json.loads, f)}
+  wanted = points(names, grid)
+  todo = [p for p in wanted if _key(p) not in done]
+  start = time.time()
+  if todo:
+    zero_shot(config, model_path, todo, procs, stats_examples, done_path)
+    with open(done_path) as f:
+      done = {_key(row): row for row in map(json.loads, f)}
+  rows = [done[_key(p)] for p in wanted]
+  tuned = [finetune(config, model_path, fmt, os.path.join(out + '_finetune', fmt))
+           for fmt in finetune_formats]
+  result = dict(config=config.to_dict(), model=model_path, points=rows, finetune=tuned,
+                machine=f'{os.cpu_count()} CPU cores, {jax.devices()[0].platform}',
+                seconds=round(time.time() - start))
+  with open(out + '.json', 'w') as f:
+    json.dump(result, f, indent=1)
+  with open(out + '.md', 'w') as f:
+    f.write(markdown(config, rows, tuned))
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  grid = axes(map(int, FLAGS.mantissas), map(int, FLAGS.exponents))
+  sweep(FLAGS.config, FLAGS.model, FLAGS.axes, grid, FLAGS.finetune, FLAGS.procs,
+        FLAGS.stats_examples, FLAGS.out)
+  print(f'wrote {FLAGS.out}.json and {FLAGS.out}.md')
+
+
+if __name__ == '__main__':
+  app.run(main)

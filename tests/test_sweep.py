@@ -1,0 +1,106 @@
+"""Model exports and the accumulator sweep: a model written by one run is the model another loads,
+the sweep scores every point once (serial == parallel), resumes, fine-tunes and tabulates."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from experiments import sweep, train
+from lowacc.nn import apply_policy
+
+
+def _leaves(model):
+  return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  """A runlocal demo model (random weights, seed 1) exported as a training phase would."""
+  config = demo.get_config('runlocal')
+  config.seed = 1
+  _, model = train.build(config)
+  path = str(tmp_path_factory.mktemp('export') / 'models' / 'pretrain')
+  train.export_model(model, path)
+  return path, model
+
+
+def test_a_loaded_export_is_the_exported_model(exported):
+  path, model = exported
+  config = demo.get_config('runlocal')  # seed 0: different initial weights
+  _, fresh = train.build(config)
+  assert not all(np.array_equal(a, b) for a, b in zip(_leaves(fresh), _leaves(model)))
+  config.init_from = path
+  _, loaded = train.build(config)
+  for a, b in zip(_leaves(loaded), _leaves(model), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_an_export_of_another_model_or_none_fails_with_its_path(exported, tmp_path):
+  path, _ = exported
+  config = demo.get_config('runlocal')
+  config.model.width = 16
+  config.init_from = path
+  with pytest.raises(ValueError, match='does not fit this model'):
+    train.build(config)
+  config.init_from = str(tmp_path / 'nothing')
+  with pytest.raises(FileNotFoundError, match='nothing'):
+    train.build(config)
+
+
+def _grid():
+  return {'width': [dict(format='M3E4')], 'chunk': [dict(format='M7E4b10', chunk_size=0)],
+          'rounding': [dict(format='M7E4b10', rounding='nearest_even')]}
+
+
+def test_sweep_scores_each_point_once_in_parallel_as_serially_and_resumes(exported, tmp_path):
+  path, model = exported
+  config = demo.get_config('runlocal')
+  names = ['width', 'chunk', 'rounding']
+  serial = sweep.sweep(config, path, names, _grid(), ['M5E4'], 1, 4, str(tmp_path / 's'))
+  parallel = sweep.sweep(config, path, names, _grid(), [], 2, 4, str(tmp_path / 'p'))
+  assert [r['metric'] for r in serial['points']] == [r['metric'] for r in parallel['points']]
+  assert [r['layers'] for r in serial['points']] == [r['layers'] for r in parallel['points']]
+
+  rows = serial['points']
+  assert [(r['axis'], r['format'], r['bits']) for r in rows] == [
+      ('baseline', 'float32', 32), ('width', 'M3E4', 8), ('chunk', 'M7E4b10', 12),
+      ('rounding', 'M7E4b10', 12)]
+  layers = apply_policy(model, train.policy_for(config, 'M7E4'))
+  simulated = {name for name, layer_config in layers.items() if layer_config is not None}
+  assert simulated
+  for r in rows[1:]:
+    assert set(r['layers']) == simulated
+    assert all(0 <= v <= 1 for layer in r['layers'].values() for v in layer.values())
+  float32 = sweep.configure(config, dict(format='float32'))
+  float32.init_from = path
+  task, loaded = train.build(float32)
+  baseline = train.evaluate(task, loaded, float32, train.policy_for(float32), 'float32')
+  assert rows[0]['metric'] == baseline
+
+  tuned, = serial['finetune']
+  assert tuned['format'] == 'M5E4' and tuned['baseline'] == baseline
+  assert os.path.isdir(tmp_path / 's_finetune' / 'M5E4' / 'models' / 'stage2')
+  table = open(tmp_path / 's.md').read()
+  for row in ('| M \\ E | 4 |', '| 3 | ', '| none |', '| nearest_even |', '| M5E4 | 10 |'):
+    assert row in table
+  assert json.load(open(tmp_path / 's.json'))['points'] == rows
+
+  # A rerun finds every point done: nothing is evaluated again.
+  lines = open(tmp_path / 'p.points.jsonl').read()
+  again = sweep.sweep(config, path, names, _grid(), [], 2, 4, str(tmp_path / 'p'))
+  assert open(tmp_path / 'p.points.jsonl').read() == lines
+  assert again['points'] == parallel['points']
+
+
+def test_sweep_names_an_unknown_axis():
+  with pytest.raises(ValueError, match="'widths'.*valid axes are"):
+    sweep.points(['widths'], sweep.axes())
+
+
+def test_bits_counts_sign_exponent_and_mantissa():
+  assert [sweep.bits(f) for f in ('float32', 'M7E4b10', 'M10E5', 'M3E4')] == [32, 12, 16, 8]
