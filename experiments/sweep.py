@@ -50,6 +50,7 @@ flags.DEFINE_list('exponents', ['3', '4', '5', '6'], 'Exponent bits of the width
 
 def axes(mantissas=range(3, 11), exponents=range(3, 7)) -> dict[str, list[dict]]:
   """Each axis's points: the accumulator settings that differ from config.accumulator's."""
+  mantissas = tuple(mantissas)
   return {
     'width': [dict(format=f'M{m}E{e}') for e in exponents for m in mantissas],
     'bias': [dict(format=f'M7E4b{b}') for b in range(4, 15)],

@@ -1,4 +1,9 @@
-"""Shared helpers: bitwise comparison and inputs that hit every rounding boundary of a format."""
+"""Shared helpers: bitwise comparison, inputs that hit every rounding boundary of a format, and a
+small run of the experiments (a sweep and an estimator study) that several test files read."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -53,3 +58,33 @@ def boundary_inputs(fmt: FloatFormat, n: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def rng():
   return np.random.default_rng(1234)
+
+
+SMALL_GRID = {'width': [dict(format='M3E4'), dict(format='M7E4')],
+              'bias': [dict(format='M7E4b10')],
+              'chunk': [dict(format='M7E4b10', chunk_size=0)],
+              'rounding': [dict(format='M7E4b10', rounding='nearest_even')]}
+
+
+@pytest.fixture(scope='session')
+def small_results(tmp_path_factory):
+  """A results directory as the real runs leave it, from tiny runs: sweep_demo.json (a runlocal
+  demo model with random weights, exported, swept over SMALL_GRID and fine-tuned at M5E4) and
+  estimators.json (two estimators, two seeds, a fraction of an epoch). Returns (directory, model
+  export path)."""
+  from configs import demo
+  from experiments import sweep, train
+  root = tmp_path_factory.mktemp('results')
+  config = demo.get_config('runlocal')
+  config.seed = 1
+  _, model = train.build(config)
+  export = str(root / 'models' / 'pretrain')
+  train.export_model(model, export)
+  sweep.sweep(demo.get_config('runlocal'), export, list(SMALL_GRID), SMALL_GRID, ['M5E4'], 1, 4,
+              str(root / 'sweep_demo'))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-m', 'experiments.estimators', '--formats=M3E4b10',
+                  '--chunks=16', '--estimators=identity,recursive_of', '--seeds=2',
+                  '--epochs=0.1', '--hidden=16', f'--out={root / "estimators"}'], cwd=repo,
+                 check=True, capture_output=True)
+  return root, export

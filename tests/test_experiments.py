@@ -233,13 +233,9 @@ def test_tokenizer_missing_from_checkpoint_fails_before_work(tmp_path):
     train.run(config, str(tmp_path / 'run'))
 
 
-def test_estimator_study_runs_and_writes_its_table(tmp_path):
-  out = str(tmp_path / 'est')
-  subprocess.run([sys.executable, '-m', 'experiments.estimators', '--formats=M3E4b10',
-                  '--chunks=16', '--estimators=identity,recursive_of', '--seeds=2',
-                  '--epochs=0.1', '--hidden=16', f'--out={out}'], cwd=ROOT, check=True,
-                 capture_output=True)
-  runs = json.load(open(out + '.json'))['test_accuracy']
+def test_estimator_study_runs_and_writes_its_table(small_results):
+  root, _ = small_results
+  runs = json.load(open(root / 'estimators.json'))['test_accuracy']
   assert set(runs) == {'M3E4b10 chunk 16 identity', 'M3E4b10 chunk 16 recursive_of'}
   assert all(len(accs) == 2 and all(0 <= a <= 1 for a in accs) for accs in runs.values())
-  assert open(out + '.md').read().count('| M3E4b10 | 16 |') == 2
+  assert open(root / 'estimators.md').read().count('| M3E4b10 | 16 |') == 2

@@ -12,6 +12,7 @@ from flax import nnx
 from configs import demo
 from experiments import sweep, train
 from lowacc.nn import apply_policy
+from tests.conftest import SMALL_GRID
 
 
 def _leaves(model):
@@ -52,49 +53,52 @@ def test_an_export_of_another_model_or_none_fails_with_its_path(exported, tmp_pa
     train.build(config)
 
 
-def _grid():
-  return {'width': [dict(format='M3E4')], 'chunk': [dict(format='M7E4b10', chunk_size=0)],
-          'rounding': [dict(format='M7E4b10', rounding='nearest_even')]}
-
-
-def test_sweep_scores_each_point_once_in_parallel_as_serially_and_resumes(exported, tmp_path):
-  path, model = exported
+def test_sweep_scores_each_point_once_in_parallel_as_serially_and_resumes(small_results,
+                                                                            tmp_path):
+  root, path = small_results
   config = demo.get_config('runlocal')
-  names = ['width', 'chunk', 'rounding']
-  serial = sweep.sweep(config, path, names, _grid(), ['M5E4'], 1, 4, str(tmp_path / 's'))
-  parallel = sweep.sweep(config, path, names, _grid(), [], 2, 4, str(tmp_path / 'p'))
+  serial = json.load(open(root / 'sweep_demo.json'))
+  names = list(SMALL_GRID)
+  parallel = sweep.sweep(config, path, names, SMALL_GRID, [], 2, 4, str(tmp_path / 'p'))
   assert [r['metric'] for r in serial['points']] == [r['metric'] for r in parallel['points']]
   assert [r['layers'] for r in serial['points']] == [r['layers'] for r in parallel['points']]
 
   rows = serial['points']
   assert [(r['axis'], r['format'], r['bits']) for r in rows] == [
-      ('baseline', 'float32', 32), ('width', 'M3E4', 8), ('chunk', 'M7E4b10', 12),
-      ('rounding', 'M7E4b10', 12)]
+      ('baseline', 'float32', 32), ('width', 'M3E4', 8), ('width', 'M7E4', 12),
+      ('bias', 'M7E4b10', 12), ('chunk', 'M7E4b10', 12), ('rounding', 'M7E4b10', 12)]
+  float32 = sweep.configure(config, dict(format='float32'))
+  float32.init_from = path
+  task, model = train.build(float32)
   layers = apply_policy(model, train.policy_for(config, 'M7E4'))
   simulated = {name for name, layer_config in layers.items() if layer_config is not None}
   assert simulated
   for r in rows[1:]:
     assert set(r['layers']) == simulated
     assert all(0 <= v <= 1 for layer in r['layers'].values() for v in layer.values())
-  float32 = sweep.configure(config, dict(format='float32'))
-  float32.init_from = path
-  task, loaded = train.build(float32)
-  baseline = train.evaluate(task, loaded, float32, train.policy_for(float32), 'float32')
+  baseline = train.evaluate(task, model, float32, train.policy_for(float32), 'float32')
   assert rows[0]['metric'] == baseline
 
   tuned, = serial['finetune']
   assert tuned['format'] == 'M5E4' and tuned['baseline'] == baseline
-  assert os.path.isdir(tmp_path / 's_finetune' / 'M5E4' / 'models' / 'stage2')
-  table = open(tmp_path / 's.md').read()
-  for row in ('| M \\ E | 4 |', '| 3 | ', '| none |', '| nearest_even |', '| M5E4 | 10 |'):
+  assert os.path.isdir(root / 'sweep_demo_finetune' / 'M5E4' / 'models' / 'stage2')
+  table = open(root / 'sweep_demo.md').read()
+  for row in ('| M \\ E | 4 |', '| 3 | ', '| M7E4b10 |', '| none |', '| nearest_even |',
+              '| M5E4 | 10 |'):
     assert row in table
-  assert json.load(open(tmp_path / 's.json'))['points'] == rows
 
   # A rerun finds every point done: nothing is evaluated again.
   lines = open(tmp_path / 'p.points.jsonl').read()
-  again = sweep.sweep(config, path, names, _grid(), [], 2, 4, str(tmp_path / 'p'))
+  again = sweep.sweep(config, path, names, SMALL_GRID, [], 2, 4, str(tmp_path / 'p'))
   assert open(tmp_path / 'p.points.jsonl').read() == lines
   assert again['points'] == parallel['points']
+
+
+def test_the_width_axis_is_the_full_grid():
+  width = [p['format'] for p in sweep.axes()['width']]
+  assert len(width) == 8 * 4 and {'M3E3', 'M10E3', 'M3E6', 'M10E6', 'M7E4'} <= set(width)
+  once = sweep.axes(iter([3, 4]), iter([4, 5]))['width']  # iterators, as the flags give them
+  assert [p['format'] for p in once] == ['M3E4', 'M4E4', 'M3E5', 'M4E5']
 
 
 def test_sweep_names_an_unknown_axis():
