@@ -60,6 +60,8 @@ def test_mnist_is_5000_real_balanced_digits():
     assert 25 < image.mean() < 40  # MNIST's mean intensity is 33.3: real digits, not noise
   element = train[0]
   assert element['image'].shape == (28, 28, 1) and element['label'] == 0
+  assert test.columns['label'][:20].tolist() == list(range(10)) * 2
+  assert np.bincount(test.columns['label'][:500]).tolist() == [50] * 10  # a balanced prefix
   seen = {row.tobytes() for row in train.columns['image']}
   assert not any(row.tobytes() in seen for row in test.columns['image'])
   with pytest.raises(ValueError, match="split must be one of .*'validation'"):

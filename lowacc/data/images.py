@@ -49,15 +49,18 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def mnist(split: str) -> ArraySource:
   """5,000 real MNIST digits, offline: 'train' is the first 400 of each digit in file order
-  (4,000), 'test' the last 100 of each (1,000); both balanced over the 10 digits."""
+  (4,000), 'test' the last 100 of each (1,000), the ten digits in turn (the file is sorted by
+  digit; interleaved, any prefix of the test set is balanced too)."""
   _check_split(split, ('train', 'test'))
   images, labels = _mnist_arrays()
   rank = np.zeros_like(labels)
   for digit in range(10):
     members = labels == digit
     rank[members] = np.arange(members.sum())
-  keep = (rank < MNIST_TRAIN_PER_DIGIT) == (split == 'train')
-  return ArraySource(image=images[keep], label=labels[keep])
+  index = np.flatnonzero((rank < MNIST_TRAIN_PER_DIGIT) == (split == 'train'))
+  if split == 'test':
+    index = index[np.lexsort((labels[index], rank[index]))]
+  return ArraySource(image=images[index], label=labels[index])
 
 
 def _read_idx(path: pathlib.Path) -> np.ndarray:
