@@ -2,7 +2,8 @@
 GEMM, once per gradient estimator and seed; mean and spread of the test accuracy.
 
 python -m experiments.estimators --out=results/estimators   (writes .json and .md)
-Flags choose the formats ('M4E3,M3E4'), chunk sizes (0: one chunk), estimators, seeds, epochs.
+Flags choose the formats ('M4E3,M3E4'), chunk sizes (0: one chunk), estimators, seeds, epochs;
+the first row is the same MLP trained in float32 (the reference).
 """
 
 from __future__ import annotations
@@ -67,12 +68,15 @@ def _accuracy(model, source) -> float:
 
 
 def train_one(fmt: str, chunk: int, ste: str, seed: int, step) -> float:
-  """Test accuracy of an MLP trained from scratch with the accumulator in every GEMM."""
-  acc = parse_format(fmt, ConfigDict(dict(rounding=FLAGS.rounding, underflow='flush',
-                                          overflow='saturate')))
-  # Products get the accumulator's widths with bias + 2, as the paper's M7E4 (10 -> 12).
-  config = AccumulatorConfig(acc=acc, product=acc.replace(bias=acc.bias + 2),
-                             chunk_size=chunk or None, ste=ste)
+  """Test accuracy of an MLP trained from scratch with the accumulator in every GEMM
+  ('float32': none simulated, the reference)."""
+  config = None
+  if fmt != 'float32':
+    acc = parse_format(fmt, ConfigDict(dict(rounding=FLAGS.rounding, underflow='flush',
+                                            overflow='saturate')))
+    # Products get the accumulator's widths with bias + 2, as the paper's M7E4 (10 -> 12).
+    config = AccumulatorConfig(acc=acc, product=acc.replace(bias=acc.bias + 2),
+                               chunk_size=chunk or None, ste=ste)
   model = MLP(FLAGS.hidden, nnx.Rngs(seed))
   apply_policy(model, Policy.everywhere(config))
   train, test = images.mnist('train'), images.mnist('test')
@@ -93,8 +97,8 @@ def main(argv):
   runs = {}
   start = time.time()
   step = make_train_step(_Task)  # compiled once per setting, shared by its seeds
-  for fmt, chunk, ste in itertools.product(FLAGS.formats, map(int, FLAGS.chunks),
-                                           FLAGS.estimators):
+  settings = itertools.product(FLAGS.formats, map(int, FLAGS.chunks), FLAGS.estimators)
+  for fmt, chunk, ste in [('float32', 0, 'identity')] + list(settings):
     accs = [train_one(fmt, chunk, ste, seed, step) for seed in range(FLAGS.seeds)]
     runs[f'{fmt} chunk {chunk or "none"} {ste}'] = accs
     print(f'{fmt} chunk={chunk or "none"} {ste:<15} {100 * np.mean(accs):6.2f} '

@@ -106,7 +106,7 @@ class Evaluator:
     if fmt != 'float32':
       apply_policy(self.model, policy)
       self.model.eval()
-      layers = rates(jax.device_get(layer_stats(self.model, *self.task.inputs(self.stats_batch))))
+      layers = rates(layer_stats(self.model, *self.task.inputs(self.stats_batch)))  # call order
       self.model.train()
     return dict(point, bits=bits(fmt), metric=metric, layers=layers)
 

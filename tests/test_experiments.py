@@ -236,6 +236,7 @@ def test_tokenizer_missing_from_checkpoint_fails_before_work(tmp_path):
 def test_estimator_study_runs_and_writes_its_table(small_results):
   root, _ = small_results
   runs = json.load(open(root / 'estimators.json'))['test_accuracy']
-  assert set(runs) == {'M3E4b10 chunk 16 identity', 'M3E4b10 chunk 16 recursive_of'}
+  assert set(runs) == {'float32 chunk none identity', 'M3E4b10 chunk 16 identity',
+                       'M3E4b10 chunk 16 recursive_of'}
   assert all(len(accs) == 2 and all(0 <= a <= 1 for a in accs) for accs in runs.values())
   assert open(root / 'estimators.md').read().count('| M3E4b10 | 16 |') == 2

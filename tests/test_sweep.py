@@ -58,10 +58,9 @@ def test_sweep_scores_each_point_once_in_parallel_as_serially_and_resumes(small_
   root, path = small_results
   config = demo.get_config('runlocal')
   serial = json.load(open(root / 'sweep_demo.json'))
-  names = list(SMALL_GRID)
+  names = ['width', 'chunk']
   parallel = sweep.sweep(config, path, names, SMALL_GRID, [], 2, 4, str(tmp_path / 'p'))
-  assert [r['metric'] for r in serial['points']] == [r['metric'] for r in parallel['points']]
-  assert [r['layers'] for r in serial['points']] == [r['layers'] for r in parallel['points']]
+  assert parallel['points'] == [r for r in serial['points'] if r['axis'] in ['baseline'] + names]
 
   rows = serial['points']
   assert [(r['axis'], r['format'], r['bits']) for r in rows] == [
