@@ -100,7 +100,7 @@ class Evaluator:
   def __call__(self, point: dict) -> dict:
     config = configure(self.config, point)
     fmt = point['format']
-    policy = train.policy_for(config, None if fmt == 'float32' else fmt)
+    policy = train.policy_for(config)  # config.accumulator.format is the point's
     metric = train.evaluate(self.task, self.model, config, policy, fmt)
     layers = {}
     if fmt != 'float32':
