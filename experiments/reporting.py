@@ -48,7 +48,7 @@ def save_results(workdir: str, config, results: dict):
   os.replace(path + '.tmp', path)  # atomic: a kill never leaves half a file
 
 
-def _width(fmt: str) -> int:
+def bits(fmt: str) -> int:
   """Bits of 'M7E4b10' (1 + 7 + 4); float32 is 32."""
   m = re.fullmatch(r'M(\d+)E(\d+)(?:b-?\d+)?', fmt)
   return 32 if m is None else 1 + int(m[1]) + int(m[2])
@@ -59,21 +59,21 @@ def table(results: dict, metric: str) -> str:
   rows = [f'| phase | accumulator | bits | {metric} |', '|---|---|---|---|']
   for phase in ('baseline', 'zero_shot', 'stage1', 'stage2'):
     for fmt, value in results.get(phase, {}).items():
-      rows.append(f'| {phase} | {fmt} | {_width(fmt)} | {100 * value:.2f} |')
+      rows.append(f'| {phase} | {fmt} | {bits(fmt)} | {100 * value:.2f} |')
   return '\n'.join(rows)
 
 
 def plot(results: dict, metric: str, path: str):
   zero = results.get('zero_shot', {})
   fig, ax = plt.subplots(figsize=(6, 4))
-  points = sorted((_width(f), v, f) for f, v in zero.items())
+  points = sorted((bits(f), v, f) for f, v in zero.items())
   if points:
     ax.plot([p[0] for p in points], [100 * p[1] for p in points], 'o-', label='zero-shot')
     for w, v, f in points:
       ax.annotate(f, (w, 100 * v), textcoords='offset points', xytext=(3, 3), fontsize=7)
   for phase, marker in (('stage1', 's'), ('stage2', '^')):
     for fmt, value in results.get(phase, {}).items():
-      ax.plot([_width(fmt)], [100 * value], marker, label=f'{phase} fine-tuned {fmt}')
+      ax.plot([bits(fmt)], [100 * value], marker, label=f'{phase} fine-tuned {fmt}')
   if 'baseline' in results:
     ax.axhline(100 * results['baseline']['float32'], color='gray', ls='--', label='float32')
   ax.set_xlabel('accumulator width (bits)')

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import train
+from experiments import reporting, train
 from lowacc.nn import apply_policy, layer_stats, rates
 
 FLAGS = flags.FLAGS
@@ -79,14 +79,6 @@ def configure(config: ml_collections.ConfigDict, point: dict) -> ml_collections.
   return config
 
 
-def bits(fmt: str) -> int:
-  """Total width of a 'M<m>E<e>[b<bias>]' format: sign, exponent and mantissa bits."""
-  if fmt == 'float32':
-    return 32
-  man, exp = fmt[1:].split('E')
-  return 1 + int(man) + int(exp.split('b')[0])
-
-
 class Evaluator:
   """One model and its evaluation set; scores accumulator points."""
 
@@ -108,7 +100,7 @@ class Evaluator:
       self.model.eval()
       layers = rates(layer_stats(self.model, *self.task.inputs(self.stats_batch)))  # call order
       self.model.train()
-    return dict(point, bits=bits(fmt), metric=metric, layers=layers)
+    return dict(point, bits=reporting.bits(fmt), metric=metric, layers=layers)
 
 
 _WORKER: Evaluator | None = None
@@ -151,7 +143,7 @@ def finetune(config, model_path: str, fmt: str, workdir: str) -> dict:
   config.pretrain.steps = 0
   config.zero_shot = (fmt,)
   results = train.run(config, workdir)
-  return dict(format=fmt, bits=bits(fmt), baseline=results['baseline']['float32'],
+  return dict(format=fmt, bits=reporting.bits(fmt), baseline=results['baseline']['float32'],
               zero_shot=results['zero_shot'][fmt], stage1=results['stage1'][fmt],
               stage2=results['stage2'][fmt])
 

@@ -1,4 +1,5 @@
-"""Every notebook in notebooks/ runs top to bottom on a small run's results and writes its figures."""
+"""Every notebook in notebooks/ runs top to bottom on a small run's results (a failing cell raises)
+and writes its figures."""
 
 import glob
 import os
@@ -25,6 +26,3 @@ def test_notebook_runs_on_a_small_run(path, small_results, tmp_path, monkeypatch
   NotebookClient(notebook, timeout=300, kernel_name='python3',
                  resources={'metadata': {'path': os.path.dirname(path)}}).execute()
   assert os.listdir(figures), 'the notebook saved no figure'
-  errors = [o for cell in notebook.cells if cell.cell_type == 'code'
-            for o in cell.outputs if o.output_type == 'error']
-  assert not errors

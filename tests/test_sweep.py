@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from experiments import sweep, train
-from lowacc.nn import apply_policy
+from experiments import reporting, sweep, train
+from lowacc.nn import apply_policy, layer_stats
 from tests.conftest import SMALL_GRID
 
 
@@ -20,14 +20,12 @@ def _leaves(model):
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-  """A runlocal demo model (random weights, seed 1) exported as a training phase would."""
+def exported(small_results):
+  """The small run's model export and the model it was written from (runlocal demo, seed 1)."""
   config = demo.get_config('runlocal')
   config.seed = 1
   _, model = train.build(config)
-  path = str(tmp_path_factory.mktemp('export') / 'models' / 'pretrain')
-  train.export_model(model, path)
-  return path, model
+  return small_results[1], model
 
 
 def test_a_loaded_export_is_the_exported_model(exported):
@@ -77,6 +75,15 @@ def test_sweep_scores_each_point_once_in_parallel_as_serially_and_resumes(small_
     assert all(0 <= v <= 1 for layer in r['layers'].values() for v in layer.values())
   baseline = train.evaluate(task, model, float32, train.policy_for(float32), 'float32')
   assert rows[0]['metric'] == baseline
+  # The telemetry is the exported model's on the first 4 evaluation inputs, in eval mode.
+  batch = next(iter(task.eval_batches(float32)))
+  apply_policy(model, train.policy_for(config, 'M3E4'))
+  model.eval()
+  stats = layer_stats(model, np.asarray(batch['image'])[:4])
+  assert rows[1]['layers'] == {name: {k: float(s[k]) / max(s['steps'], 1)
+                                      for k in ('sat', 'lost', 'flush')}
+                               for name, s in stats.items()}
+  assert any(v > 0 for layer in rows[1]['layers'].values() for v in layer.values())
 
   tuned, = serial['finetune']
   assert tuned['format'] == 'M5E4' and tuned['baseline'] == baseline
@@ -106,4 +113,4 @@ def test_sweep_names_an_unknown_axis():
 
 
 def test_bits_counts_sign_exponent_and_mantissa():
-  assert [sweep.bits(f) for f in ('float32', 'M7E4b10', 'M10E5', 'M3E4')] == [32, 12, 16, 8]
+  assert [reporting.bits(f) for f in ('float32', 'M7E4b10', 'M10E5', 'M3E4')] == [32, 12, 16, 8]
