@@ -35,6 +35,13 @@ def _pow2_bits(k):
   return jnp.where(k >= -126, normal, subnormal)
 
 
+def _floor_log2(m):
+  """floor(log2 m) for uint32 0 < m < 2^24, read off the exponent of float32(m) (an exact
+  conversion); -127 for m = 0. Used instead of clz, which Pallas' Triton backend cannot lower."""
+  f = lax.bitcast_convert_type(m.astype(jnp.float32), jnp.uint32)
+  return lax.shift_right_logical(f, _u32(23)).astype(jnp.int32) - 127
+
+
 def _float_bits(value: float) -> int:
   return int(np.float32(value).view(np.uint32))
 
@@ -77,7 +84,7 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
   m = jnp.where(biased > 0, (a & _u32(0x7FFFFF)) | _u32(0x800000), a)
   qx = jnp.maximum(biased, 1) - 150  # |h| = m * 2^qx
   if fmt.underflow == 'none' or fmt.min_exp == -126:
-    e = qx + 31 - lax.clz(m).astype(jnp.int32)  # floor(log2 |h|), float32 subnormals too
+    e = qx + _floor_log2(m)  # floor(log2 |h|), float32 subnormals too
   else:
     # Below float32's normal range only the format's quantum matters ('subnormal'), or every
     # result flushes ('flush', min_normal > 2^-126): -127 stands for all those exponents.
@@ -192,7 +199,7 @@ def _exponent_of(x):
   """floor(log2 |x|) of finite nonzero float32 x, from its bits (subnormals included)."""
   a = lax.bitcast_convert_type(x, jnp.uint32) & _u32(_ABS)
   biased = lax.shift_right_logical(a, _u32(23)).astype(jnp.int32)
-  return jnp.where(biased > 0, biased - 127, -118 - lax.clz(a).astype(jnp.int32))
+  return jnp.where(biased > 0, biased - 127, _floor_log2(a) - 149)
 
 
 def _scale(x, k):
