@@ -61,12 +61,18 @@ class _Flags:
 
 
 def _step(s, u, fmt, rand):
-  """One accumulation step: s + u taken exactly and rounded once into `fmt` (None: float32)."""
+  """One accumulation step: s + u taken exactly and rounded once into `fmt` (None: float32).
+
+  s=None (order 'chunk'): u is the chunk partial P, rounded alone, s = Q_acc(P).
+  """
   if fmt is None:
     out = s + u
     no = jnp.zeros(out.shape, bool)
     return out, _Flags(no, no, no)
-  hi, lo = two_sum(s, u)
+  if s is None:
+    s, (hi, lo) = jnp.zeros_like(u), (u, None)
+  else:
+    hi, lo = two_sum(s, u)
   out, sat = round_exact(hi, lo, fmt, rand)
   return out, _Flags(sat=sat, lost=(u != 0) & (out == s), flush=(out == 0) & (hi != 0))
 
@@ -127,7 +133,7 @@ class _Chain:
         u = jnp.einsum('cbm,cbn->bmn', xc, wc, precision=_HIGHEST)
       else:
         u = lax.fori_loop(0, c, lambda i, u: u + self.products(xc[i], wc[i], j * c + i), zero)
-      s, flags = _step(zero, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, j))
+      s, flags = _step(None, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, j))
       return s, observe(init, 0, u, flags)
 
     def body(i, carry):

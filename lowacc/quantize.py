@@ -81,38 +81,54 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
     below = sticky & ((lu ^ u) >= _u32(_SIGN))  # lo opposite to hi: exact value is below |hi|
     a = jnp.where(below, a - 1, a)
   biased = lax.shift_right_logical(a, _u32(23)).astype(jnp.int32)
-  m = jnp.where(biased > 0, (a & _u32(0x7FFFFF)) | _u32(0x800000), a)
-  qx = jnp.maximum(biased, 1) - 150  # |h| = m * 2^qx
-  if fmt.underflow == 'none' or fmt.min_exp == -126:
-    e = qx + _floor_log2(m)  # floor(log2 |h|), float32 subnormals too
-  else:
-    # Below float32's normal range only the format's quantum matters ('subnormal'), or every
-    # result flushes ('flush', min_normal > 2^-126): -127 stands for all those exponents.
-    e = biased - 127
-  q = jnp.maximum(e, fmt.min_exp) if fmt.underflow == 'subnormal' else e
-  q = q - fmt.man_bits  # exponent of the target quantum
-  d = jnp.maximum(q - qx, 0)  # significand bits to drop
-  q = qx + d
-
   precise = fmt.man_bits == 23 or fmt.rounding == 'stochastic'
-  if precise:
-    g = jnp.zeros_like(a)
-    if lo is not None:
-      half_ulp = jnp.where(qx - 1 >= -149, _pow2_bits(jnp.maximum(qx - 1, -149)), _u32(_ABS))
-      g = jnp.where(sticky, jnp.where(la == half_ulp, _u32(2), jnp.where(below, _u32(3), _u32(1))),
-                    _u32(0))
-    m_r, shift, sticky = lax.shift_left(m, _u32(2)) | g, (d + 2).astype(jnp.uint32), g != 0
-    sticky_r = jnp.zeros_like(sticky)
+  if fmt.underflow == 'flush' and fmt.min_exp > -126 and not precise:
+    # Every result below 2^min_exp > 2^-126 flushes, so only float32 normals survive, and for
+    # those the bits to drop are a constant (the variable count of the general path below sends
+    # zeros and float32 subnormals below 2^min_exp too): fixed masks instead of shifts.
+    dropped = 23 - fmt.man_bits
+    shift = dc = _u32(dropped)
+    rem = a & _u32((1 << dropped) - 1)
+    half = _u32(1 << (dropped - 1))
+    sticky_r = sticky
+    if fmt.man_bits:
+      odd = (lax.shift_right_logical(a, shift) & _u32(1)) == 1
+    else:  # a normal M0 result is even when its exponent code e + bias is
+      odd = ((biased + fmt.bias - 127) & 1) == 1
   else:
-    m_r, shift, sticky_r = m, d.astype(jnp.uint32), sticky
-  sc = jnp.clip(shift, _u32(1), _u32(27))  # m_r < 2^26: beyond 27 everything is remainder
-  rem = m_r & (lax.shift_left(_u32(1), sc) - _u32(1))
-  half = lax.shift_left(_u32(1), sc - _u32(1))
-  kept_r = lax.shift_right_logical(m_r, sc)
-  if fmt.man_bits:
-    odd = (kept_r & _u32(1)) == 1
-  else:  # a normal M0 result is even when its exponent code e + bias is
-    odd = (kept_r == 1) & ((e + fmt.bias) % 2 == 1)
+    m = jnp.where(biased > 0, (a & _u32(0x7FFFFF)) | _u32(0x800000), a)
+    qx = jnp.maximum(biased, 1) - 150  # |h| = m * 2^qx
+    if fmt.underflow == 'none' or fmt.min_exp == -126:
+      e = qx + _floor_log2(m)  # floor(log2 |h|), float32 subnormals too
+    else:
+      # Below float32's normal range only the format's quantum matters ('subnormal'), or every
+      # result flushes ('flush', min_normal > 2^-126): -127 stands for all those exponents.
+      e = biased - 127
+    q = jnp.maximum(e, fmt.min_exp) if fmt.underflow == 'subnormal' else e
+    q = q - fmt.man_bits  # exponent of the target quantum
+    d = jnp.maximum(q - qx, 0)  # significand bits to drop
+    q = qx + d
+    if precise:
+      g = jnp.zeros_like(a)
+      if lo is not None:
+        half_ulp = jnp.where(qx - 1 >= -149, _pow2_bits(jnp.maximum(qx - 1, -149)),
+                             _u32(_ABS))
+        g = jnp.where(sticky,
+                      jnp.where(la == half_ulp, _u32(2), jnp.where(below, _u32(3), _u32(1))),
+                      _u32(0))
+      m_r, shift, sticky = lax.shift_left(m, _u32(2)) | g, (d + 2).astype(jnp.uint32), g != 0
+      sticky_r = jnp.zeros_like(sticky)
+    else:
+      m_r, shift, sticky_r = m, d.astype(jnp.uint32), sticky
+    sc = jnp.clip(shift, _u32(1), _u32(27))  # m_r < 2^26: beyond 27 everything is remainder
+    rem = m_r & (lax.shift_left(_u32(1), sc) - _u32(1))
+    half = lax.shift_left(_u32(1), sc - _u32(1))
+    kept_r = lax.shift_right_logical(m_r, sc)
+    if fmt.man_bits:
+      odd = (kept_r & _u32(1)) == 1
+    else:  # a normal M0 result is even when its exponent code e + bias is
+      odd = (kept_r == 1) & ((e + fmt.bias) % 2 == 1)
+    dc = jnp.minimum(d, 31).astype(jnp.uint32)
   negative = sign != 0
   mode = fmt.rounding
   if mode == 'nearest_even':
@@ -129,7 +145,6 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
     up = rand < frac32
   up &= shift > 0
 
-  dc = jnp.minimum(d, 31).astype(jnp.uint32)
   kept = a & ~(lax.shift_left(_u32(1), dc) - _u32(1))
   mag = kept + lax.shift_left(up.astype(jnp.uint32), dc)
   if fmt.underflow == 'subnormal':  # |value| < 2^q: the result is 0 or 2^q
