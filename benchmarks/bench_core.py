@@ -20,37 +20,53 @@ CHUNK = lowacc.PAPER_M7E4.replace(order='chunk', product=None)  # M7E4, chunk 16
 FMA = lowacc.PAPER_M7E4  # the paper's FMAq with product rounding
 
 
-def seconds(fn, *args, repeats=3):
-  """Median wall time of a compiled call, after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def best_times(calls, repeats=5):
+  """{name: (compiled fn, args)} -> {name: best wall time in seconds}.
+
+  One warm-up (compile) call each, then `repeats` rounds that call each once in turn, so that a
+  slow phase of the machine slows every candidate alike. The best time, not the median: on a
+  shared 2-core VM interference only ever adds time, and it adds more to the memory-bound
+  simulation than to the compute-bound float32 dot (timed one after the other with medians, the
+  same ratio drifted by up to 2x between runs).
+  """
+  for fn, args in calls.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, (fn, args) in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: min(t) for name, t in times.items()}
+
+
+def seconds(fn, *args, repeats=5):
+  """Best wall time of one compiled call (see best_times)."""
+  return best_times({'': (fn, args)}, repeats)['']
 
 
 def gemm(n=1024):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
-  macs = n ** 3
-  base = seconds(jax.jit(jnp.dot), x, w)
   g = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
   # value_and_grad: with grad alone XLA would drop the forward, which the identity backward
   # does not need.
   grad = lambda dot: jax.jit(jax.value_and_grad(lambda a, b: jnp.vdot(dot(a, b), g),
                                                 argnums=(0, 1)))
-  base_grad = seconds(grad(jnp.dot), x, w)
-  out = {}
-  for name, cfg in (('chunk', CHUNK), ('fma', FMA)):
-    dot = lambda a, b, cfg=cfg: lowacc.matmul(a, b, cfg)
-    t = seconds(jax.jit(dot), x, w, repeats=1 if name == 'fma' else 3)
-    out[f'gemm{n} {name} fwd'] = dict(ratio=t / base, gmac_per_s=macs / t / 1e9)
-    if name == 'chunk':
-      out[f'gemm{n} {name} fwd+bwd'] = dict(ratio=seconds(grad(dot), x, w) / base_grad)
-  return out
+  dot = {name: lambda a, b, cfg=cfg: lowacc.matmul(a, b, cfg)
+         for name, cfg in (('chunk', CHUNK), ('fma', FMA))}
+  t = best_times({'float32': (jax.jit(jnp.dot), (x, w)),
+                  'float32 fwd+bwd': (grad(jnp.dot), (x, w)),
+                  'chunk': (jax.jit(dot['chunk']), (x, w)),
+                  'chunk fwd+bwd': (grad(dot['chunk']), (x, w))})
+  t.update(best_times({'float32': (jax.jit(jnp.dot), (x, w)),
+                       'fma': (jax.jit(dot['fma']), (x, w))}, repeats=2))
+  macs = n ** 3
+  return {f'gemm{n} chunk fwd': dict(ratio=t['chunk'] / t['float32'],
+                                     gmac_per_s=macs / t['chunk'] / 1e9),
+          f'gemm{n} chunk fwd+bwd': dict(ratio=t['chunk fwd+bwd'] / t['float32 fwd+bwd']),
+          f'gemm{n} fma fwd': dict(ratio=t['fma'] / t['float32'], gmac_per_s=macs / t['fma'] / 1e9)}
 
 
 def resnet_conv(batch=8):
@@ -59,15 +75,16 @@ def resnet_conv(batch=8):
   x = jnp.asarray(rng.standard_normal((batch, 56, 56, 64)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((3, 3, 64, 64)) * 0.06, jnp.float32)
   dn = ('NHWC', 'HWIO', 'NHWC')
-  base = seconds(jax.jit(lambda a, b: lax.conv_general_dilated(a, b, (1, 1), 'SAME',
-                                                               dimension_numbers=dn)), x, k)
+  base = jax.jit(lambda a, b: lax.conv_general_dilated(a, b, (1, 1), 'SAME', dimension_numbers=dn))
   macs = batch * 56 * 56 * 64 * 576
   out = {}
   for name, cfg in (('chunk', CHUNK), ('fma', FMA)):
     conv = jax.jit(lambda a, b, cfg=cfg: lowacc.conv_general_dilated(
         a, b, (1, 1), 'SAME', dimension_numbers=dn, config=cfg))
-    t = seconds(conv, x, k, repeats=1 if name == 'fma' else 3)
-    out[f'resnet18 conv3x3 b{batch} {name} fwd'] = dict(ratio=t / base, gmac_per_s=macs / t / 1e9)
+    t = best_times({'float32': (base, (x, k)), name: (conv, (x, k))},
+                   repeats=2 if name == 'fma' else 5)
+    out[f'resnet18 conv3x3 b{batch} {name} fwd'] = dict(ratio=t[name] / t['float32'],
+                                                          gmac_per_s=macs / t[name] / 1e9)
   return out
 
 

@@ -8,12 +8,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.bench_core import CHUNK, FMA, machine, seconds
+from benchmarks.bench_core import CHUNK, FMA, best_times, machine
 from lowacc.models import bert, resnet
 from lowacc.nn import Policy, apply_policy
 
 
-def _step_seconds(model, loss, batch, policy):
+def _step(model, loss, batch, policy):
+  """A compiled fine-tuning step (SGD) of a copy of `model` under `policy`, with its arguments."""
+  model = nnx.clone(model)
   apply_policy(model, policy)
   optimizer = nnx.Optimizer(model, optax.sgd(1e-3), wrt=nnx.Param)
 
@@ -23,14 +25,14 @@ def _step_seconds(model, loss, batch, policy):
     optimizer.update(model, grads)
     return value
 
-  return seconds(step, model, optimizer, batch, repeats=2)
+  return step, (model, optimizer, batch)
 
 
 def _ratios(name, model, loss, batch):
-  base = _step_seconds(model, loss, batch, Policy.everywhere(None))
-  return {f'{name} step {order}': dict(ratio=_step_seconds(model, loss, batch,
-                                                           Policy.everywhere(cfg)) / base)
-          for order, cfg in (('chunk', CHUNK), ('fma', FMA))}
+  t = best_times({order: _step(model, loss, batch, Policy.everywhere(cfg))
+                  for order, cfg in (('float32', None), ('chunk', CHUNK), ('fma', FMA))},
+                 repeats=4)
+  return {f'{name} step {order}': dict(ratio=t[order] / t['float32']) for order in ('chunk', 'fma')}
 
 
 def resnet18_step():
