@@ -55,7 +55,7 @@ def battery():
       ('paper M7E4', CFG, normal(1, 256, 96), normal(1, 96, 128)),
       ('paper, product None, combine None', CFG.replace(product=None, combine=None),
        normal(1, 256, 96), normal(1, 96, 128)),
-      ('FP32 acc (clz path), chunk None', AccumulatorConfig(acc=lowacc.FP32, chunk_size=None),
+      ('FP32 acc (variable exponent path), chunk None', AccumulatorConfig(acc=lowacc.FP32, chunk_size=None),
        normal(2, 64, 200), normal(2, 200, 64)),
       ('M3E3 up/subnormal/inf, product M3E3 down/flush/saturate, combine FP16',
        AccumulatorConfig(acc=m3, product=narrow('down', 'flush', 'saturate').replace(bias=4),

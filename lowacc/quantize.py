@@ -107,7 +107,6 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
     q = jnp.maximum(e, fmt.min_exp) if fmt.underflow == 'subnormal' else e
     q = q - fmt.man_bits  # exponent of the target quantum
     d = jnp.maximum(q - qx, 0)  # significand bits to drop
-    q = qx + d
     if precise:
       g = jnp.zeros_like(a)
       if lo is not None:
@@ -131,8 +130,8 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
     dc = jnp.minimum(d, 31).astype(jnp.uint32)
   negative = sign != 0
   mode = fmt.rounding
-  if mode == 'nearest_even':
-    up = (rem > half) | ((rem == half) & (sticky_r | odd))
+  if mode == 'nearest_even':  # rem > half, or rem == half and (sticky or odd)
+    up = rem + (sticky_r | odd).astype(jnp.uint32) > half
   elif mode == 'toward_zero':
     up = jnp.zeros_like(negative)
   elif mode in ('up', 'down'):
@@ -147,8 +146,11 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
 
   kept = a & ~(lax.shift_left(_u32(1), dc) - _u32(1))
   mag = kept + lax.shift_left(up.astype(jnp.uint32), dc)
-  if fmt.underflow == 'subnormal':  # |value| < 2^q: the result is 0 or 2^q
-    mag = jnp.where(d >= 24, jnp.where(up, _pow2_bits(jnp.minimum(q, 127)), _u32(0)), mag)
+  if fmt.underflow == 'subnormal':
+    # d >= 24 only below 2^min_exp, where the quantum is 2^(min_exp - man_bits) >= 2^-149 and
+    # |value| < 2^q: the result is 0 or that quantum.
+    quantum = _u32(_float_bits(2.0 ** (fmt.min_exp - fmt.man_bits)))
+    mag = jnp.where(d >= 24, jnp.where(up, quantum, _u32(0)), mag)
 
   limit = _u32(limit_bits(fmt))
   sat = (a > limit) | ((a == limit) & sticky)
