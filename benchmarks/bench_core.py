@@ -45,6 +45,17 @@ def seconds(fn, *args, repeats=5):
   return best_times({'': (fn, args)}, repeats)['']
 
 
+def chunk_partials_only(x, w, chunk=16):
+  """x @ w with the structure of order='chunk' but float32 adds for its roundings: a scan over
+  per-chunk dots, laid out as lowacc.dot's chain. Its ratio is that formulation's floor."""
+  k = x.shape[1]
+  xs = x.T.reshape(k // chunk, chunk, x.shape[0])
+  ws = w.reshape(k // chunk, chunk, w.shape[1])
+  step = lambda total, c: (total + jnp.einsum('cm,cn->mn', *c, precision=lax.Precision.HIGHEST),
+                           None)
+  return lax.scan(step, jnp.zeros((x.shape[0], w.shape[1]), jnp.float32), (xs, ws))[0]
+
+
 def gemm(n=1024):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((n, n)), jnp.float32)
@@ -59,13 +70,16 @@ def gemm(n=1024):
   t = best_times({'float32': (jax.jit(jnp.dot), (x, w)),
                   'float32 fwd+bwd': (grad(jnp.dot), (x, w)),
                   'chunk': (jax.jit(dot['chunk']), (x, w)),
-                  'chunk fwd+bwd': (grad(dot['chunk']), (x, w))})
+                  'chunk fwd+bwd': (grad(dot['chunk']), (x, w)),
+                  'partials only': (jax.jit(chunk_partials_only), (x, w))})
   t.update(best_times({'float32': (jax.jit(jnp.dot), (x, w)),
                        'fma': (jax.jit(dot['fma']), (x, w))}, repeats=2))
   macs = n ** 3
   return {f'gemm{n} chunk fwd': dict(ratio=t['chunk'] / t['float32'],
                                      gmac_per_s=macs / t['chunk'] / 1e9),
           f'gemm{n} chunk fwd+bwd': dict(ratio=t['chunk fwd+bwd'] / t['float32 fwd+bwd']),
+          f'gemm{n} chunk partials only (float32 adds, no rounding)': dict(
+              ratio=t['partials only'] / t['float32']),
           f'gemm{n} fma fwd': dict(ratio=t['fma'] / t['float32'], gmac_per_s=macs / t['fma'] / 1e9)}
 
 
