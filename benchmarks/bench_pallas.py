@@ -4,8 +4,8 @@ python -m benchmarks.bench_pallas [--n 1024] [--out results.json]
 
 On a GPU (a few minutes; compiled Triton kernel):
 1. equality, kernel vs lowacc.dot_general (uint32 words), on a battery of small GEMMs whose
-   configs exercise the integer paths of the rounding (clz, shifts, M0's parity, saturation,
-   flushing), then on the n^3 GEMM under PAPER_M7E4;
+   configs exercise the integer paths of the rounding (floor(log2), shifts, M0's parity,
+   saturation, flushing), then on the n^3 GEMM under PAPER_M7E4;
 2. speed of the n^3 GEMM: G FMAq/s (fused multiply-accumulate steps, n^3 of them) of the kernel
    over a few tile shapes and of the XLA path, and each time as a ratio to float32 jnp.dot
    (precision HIGHEST; the default-precision dot, TF32 on recent GPUs, is printed too) on the same
