@@ -84,8 +84,8 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
   precise = fmt.man_bits == 23 or fmt.rounding == 'stochastic'
   if fmt.underflow == 'flush' and fmt.min_exp > -126 and not precise:
     # Every result below 2^min_exp > 2^-126 flushes, so only float32 normals survive, and for
-    # those the bits to drop are a constant (the variable count of the general path below sends
-    # zeros and float32 subnormals below 2^min_exp too): fixed masks instead of shifts.
+    # those the bits to drop are a constant: fixed masks instead of shifts. (Zeros and float32
+    # subnormals, for which the general path below drops more, flush either way.)
     dropped = 23 - fmt.man_bits
     shift = dc = _u32(dropped)
     rem = a & _u32((1 << dropped) - 1)
@@ -148,7 +148,7 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
   mag = kept + lax.shift_left(up.astype(jnp.uint32), dc)
   if fmt.underflow == 'subnormal':
     # d >= 24 only below 2^min_exp, where the quantum is 2^(min_exp - man_bits) >= 2^-149 and
-    # |value| < 2^q: the result is 0 or that quantum.
+    # |value| is below it: the result is 0 or that quantum.
     quantum = _u32(_float_bits(2.0 ** (fmt.min_exp - fmt.man_bits)))
     mag = jnp.where(d >= 24, jnp.where(up, quantum, _u32(0)), mag)
 
