@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 
 from lowacc.formats import AccumulatorConfig, DotConfig
+from lowacc.kernels import native
 from lowacc.quantize import as_float32, quantize_operand, random_bits, round_exact
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -253,10 +254,16 @@ def _accumulate(cfg: DotConfig, x, w, key):
 
 def _accumulate_fwd(cfg: DotConfig, x, w, key):
   fwd = cfg.fwd
+  recursive = fwd is not None and fwd.ste.startswith('recursive')
   if fwd is None or fwd.acc is None or x.shape[2] == 0:
     y, last = _float32_dot(x, w), None
+  elif native.supports(fwd) and not recursive:
+    # The native CPU kernel on the CPU, this XLA path elsewhere (equal where both are defined).
+    y, last = lax.platform_dependent(
+        x, w, cpu=lambda x, w: native.chunk_dot(x, w, fwd),
+        default=lambda x, w: _forward(_Chain.layout(fwd, x, w, key), False)[0]), None
   else:
-    y, last = _forward(_Chain.layout(fwd, x, w, key), fwd.ste.startswith('recursive'))
+    y, last = _forward(_Chain.layout(fwd, x, w, key), recursive)
   return y, (x, w, key, last)
 
 

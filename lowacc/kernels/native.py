@@ -1,0 +1,80 @@
+"""order='chunk' through the native CPU kernel (chunk_dot.cc), an XLA FFI custom call.
+
+`lowacc.dot` runs the forward of order='chunk' GEMMs through `chunk_dot` on the CPU when
+`supports(cfg)`: the kernel was built (by `pip install`; it needs a C++17 compiler), the CPU
+has AVX-512, and the config is one the kernel covers. Everywhere else it runs its XLA path,
+which stays the reference: the tests hold the two equal bit for bit wherever the chunk partials
+are exact (the contract leaves the order of the additions inside a chunk unspecified, so only
+there is equality defined).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowacc.formats import AccumulatorConfig, FloatFormat
+from lowacc.quantize import limit_bits
+
+__all__ = ['available', 'chunk_dot', 'supports']
+
+_TARGET = 'lowacc_chunk_dot'
+_ROUNDINGS = {'nearest_even': 0, 'toward_zero': 1, 'up': 2, 'down': 3}
+_OVERFLOWS = {'none': 0, 'inf': 1, 'saturate': 2}
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel was built and this CPU runs it; if so, registers it with XLA."""
+  spec = importlib.util.find_spec('lowacc.kernels._chunk_dot')
+  if spec is None or spec.origin is None:
+    return False
+  library = ctypes.cdll.LoadLibrary(spec.origin)
+  if not library.LowaccChunkDotSupported():
+    return False
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.LowaccChunkDot), platform='cpu')
+  return True
+
+
+def _covered(fmt: Optional[FloatFormat]) -> bool:
+  """Formats whose every nonzero result is a float32 normal (float32 subnormals flushed), so
+  that a rounding drops a fixed 23 - man_bits bits: the kernel's rounding."""
+  return fmt is None or (
+      fmt.rounding in _ROUNDINGS and fmt.man_bits < 23
+      and (fmt.underflow == 'none' or (fmt.underflow == 'flush' and fmt.min_exp > -126)))
+
+
+def supports(cfg: AccumulatorConfig) -> bool:
+  """Whether `chunk_dot` computes this config's forward: order 'chunk' without product
+  rounding, deterministic roundings of covered formats, and the kernel available."""
+  return (cfg.order == 'chunk' and cfg.product is None and cfg.acc is not None
+          and _covered(cfg.acc) and _covered(cfg.combine_format) and available())
+
+
+def _fields(fmt: Optional[FloatFormat]) -> np.ndarray:
+  """[man_bits, rounding, overflow, flush_below, limit, m0_parity]: chunk_dot.cc's Format."""
+  if fmt is None:
+    return np.zeros((0,), np.int64)
+  flush_below = (fmt.min_exp + 127) << 23 if fmt.underflow == 'flush' else 0
+  return np.array([fmt.man_bits, _ROUNDINGS[fmt.rounding], _OVERFLOWS[fmt.overflow],
+                   flush_below, limit_bits(fmt), (fmt.bias + 1) % 2], np.int64)
+
+
+def chunk_dot(x, w, cfg: AccumulatorConfig):
+  """The forward of order='chunk' on canonical float32 x (B, M, K), w (B, K, N) -> (B, M, N),
+  on the CPU, for a config that `supports` accepts."""
+  if not supports(cfg):
+    raise ValueError(f'lowacc.kernels.native.chunk_dot: not supported here: {cfg} '
+                     f'(kernel available: {available()})')
+  b, m, k = x.shape
+  chunk = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
+  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, m, w.shape[2]), jnp.float32),
+                         vmap_method='sequential')
+  return call(x, w, chunk=np.int64(max(chunk, 1)), acc=_fields(cfg.acc),
+              combine=_fields(cfg.combine_format))
