@@ -4,6 +4,7 @@ python -m benchmarks.bench_core [--out results.json]
 """
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -15,9 +16,24 @@ import numpy as np
 from jax import lax
 
 import lowacc
+from lowacc.dot import _Chain, _forward
 
 CHUNK = lowacc.PAPER_M7E4.replace(order='chunk', product=None)  # M7E4, chunk 16, one rounding
 FMA = lowacc.PAPER_M7E4  # the paper's FMAq with product rounding
+
+
+def keep_freed_memory():
+  """Has glibc's malloc keep freed memory rather than return it to the OS (M_TRIM_THRESHOLD,
+  M_MMAP_THRESHOLD). Otherwise whichever call follows one that freed a large temporary pays the
+  page faults of taking it back, and a ratio measures the allocator: float32's 1024^3 dot took
+  14.5 ms instead of 10 after the simulated GEMM, and 'chunk' 60 ms instead of 26 after float32.
+  No-op without glibc."""
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+  except OSError:
+    return
+  libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+  libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD, at its maximum on 64-bit
 
 
 def best_times(calls, repeats=5):
@@ -29,6 +45,7 @@ def best_times(calls, repeats=5):
   simulation than to the compute-bound float32 dot (timed one after the other with medians, the
   same ratio drifted by up to 2x between runs).
   """
+  keep_freed_memory()
   for fn, args in calls.values():
     jax.block_until_ready(fn(*args))
   times = {name: [] for name in calls}
@@ -45,15 +62,11 @@ def seconds(fn, *args, repeats=5):
   return best_times({'': (fn, args)}, repeats)['']
 
 
-def chunk_partials_only(x, w, chunk=16):
-  """x @ w with the structure of order='chunk' but float32 adds for its roundings: a scan over
-  per-chunk dots, laid out as lowacc.dot's chain. Its ratio is that formulation's floor."""
-  k = x.shape[1]
-  xs = x.T.reshape(k // chunk, chunk, x.shape[0])
-  ws = w.reshape(k // chunk, chunk, w.shape[1])
-  step = lambda total, c: (total + jnp.einsum('cm,cn->mn', *c, precision=lax.Precision.HIGHEST),
-                           None)
-  return lax.scan(step, jnp.zeros((x.shape[0], w.shape[1]), jnp.float32), (xs, ws))[0]
+def _xla_chunk_path(x, w):
+  """CHUNK's forward through lowacc.dot's XLA path, which dot_general leaves for the native
+  kernel on the CPU: the reference the kernel is measured against."""
+  chain = _Chain.layout(CHUNK, x[None], w[None], None)
+  return _forward(chain, False)[0][0]
 
 
 def gemm(n=1024):
@@ -71,15 +84,18 @@ def gemm(n=1024):
                   'float32 fwd+bwd': (grad(jnp.dot), (x, w)),
                   'chunk': (jax.jit(dot['chunk']), (x, w)),
                   'chunk fwd+bwd': (grad(dot['chunk']), (x, w)),
-                  'partials only': (jax.jit(chunk_partials_only), (x, w))})
+                  'one chunk': (jax.jit(lambda a, b: lowacc.matmul(
+                      a, b, CHUNK.replace(chunk_size=None))), (x, w)),
+                  'xla path': (jax.jit(_xla_chunk_path), (x, w))})
   t.update(best_times({'float32': (jax.jit(jnp.dot), (x, w)),
                        'fma': (jax.jit(dot['fma']), (x, w))}, repeats=2))
   macs = n ** 3
   return {f'gemm{n} chunk fwd': dict(ratio=t['chunk'] / t['float32'],
                                      gmac_per_s=macs / t['chunk'] / 1e9),
           f'gemm{n} chunk fwd+bwd': dict(ratio=t['chunk fwd+bwd'] / t['float32 fwd+bwd']),
-          f'gemm{n} chunk partials only (float32 adds, no rounding)': dict(
-              ratio=t['partials only'] / t['float32']),
+          f'gemm{n} chunk fwd, XLA path': dict(ratio=t['xla path'] / t['float32']),
+          f'gemm{n} chunk fwd, one chunk (chunk_size None)': dict(
+              ratio=t['one chunk'] / t['float32']),
           f'gemm{n} fma fwd': dict(ratio=t['fma'] / t['float32'], gmac_per_s=macs / t['fma'] / 1e9)}
 
 
