@@ -19,10 +19,10 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
