@@ -35,7 +35,10 @@ def available() -> bool:
   spec = importlib.util.find_spec('lowacc.kernels._chunk_dot')
   if spec is None or spec.origin is None:
     return False
-  library = ctypes.cdll.LoadLibrary(spec.origin)
+  try:
+    library = ctypes.cdll.LoadLibrary(spec.origin)
+  except OSError:  # a stale or broken build: the XLA path serves
+    return False
   if not library.LowaccChunkDotSupported():
     return False
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.LowaccChunkDot), platform='cpu')
