@@ -1,6 +1,6 @@
-"""The native CPU kernel for order='chunk' against the XLA path, bit for bit.
+"""The native CPU kernel for order='chunk' against the exact oracle and the XLA path, bit for bit.
 
-The contract leaves the order of the additions inside a chunk unspecified, so the two are
+The contract leaves the order of the additions inside a chunk unspecified, so the kernel is
 compared on operands whose chunk partials are exact in any order: small integers times powers of
 two. The partials are placed across each format's range, so that the roundings, flushing and
 every overflow mode are reached.
@@ -17,6 +17,7 @@ from lowacc import AccumulatorConfig, FloatFormat
 from lowacc.dot import _Chain, _forward
 from lowacc.kernels import native
 from tests.conftest import assert_bits_equal
+from tests.test_dot import oracle_dot
 
 BATCHED = (((2,), (1,)), ((0,), (0,)))
 
@@ -61,6 +62,21 @@ def test_equals_xla_path_on_every_rounding_and_range(name, overflow):
       x, w = exact_operands(rng, (2, 19, 70), (2, 70, 37), scale_exp)
       assert_bits_equal(native.chunk_dot(x, w, cfg), xla_path(cfg, x, w),
                         f'{acc} scale 2^{scale_exp}')
+
+
+@pytest.mark.parametrize('rounding', ROUNDINGS)
+@pytest.mark.parametrize('combine', ('acc', 'other', None))
+def test_equals_exact_oracle(rounding, combine):
+  # The independent reference: the exact rational chain of tests/oracle.py, per output element.
+  acc = FloatFormat(3, 3, bias=4, rounding=rounding, underflow='flush', overflow='inf')
+  other = FloatFormat(4, 5, bias=6, rounding='up', underflow='none', overflow='saturate')
+  cfg = AccumulatorConfig(acc=acc, chunk_size=5, order='chunk',
+                          combine=other if combine == 'other' else combine)
+  rng = np.random.default_rng(ROUNDINGS.index(rounding))
+  for scale_exp in (acc.min_exp - 6, -1, acc.max_exp - 5):
+    x, w = exact_operands(rng, (1, 9, 23), (1, 23, 34), scale_exp)
+    assert_bits_equal(native.chunk_dot(x, w, cfg), oracle_dot(x, w, cfg)[0],
+                      f'{cfg} scale 2^{scale_exp}')
 
 
 @pytest.mark.parametrize('combine, chunk_size', itertools.product(
