@@ -1,0 +1,30 @@
+"""The command lines' common entry: a user's mistake prints one line and exits with status 2, a
+Ctrl-C one line and status 130; a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+
+# What bad input raises: configs and formats (ValueError, StateError), missing or unwritable paths.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
+def run(main) -> None:
+  """absl's app.run(main), with user errors and interrupts reported in one line."""
+  prog = os.path.basename(sys.argv[0]) if sys.argv else 'lowacc'
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      print(f'{prog}: interrupted', file=sys.stderr)
+      sys.exit(130)
+    except USER_ERRORS as e:
+      print(f'{prog}: error: {e}', file=sys.stderr)
+      sys.exit(2)
+
+  app.run(guarded)
