@@ -92,3 +92,32 @@ def lock(directory: str, what: str = '--workdir'):
     yield
   finally:
     f.close()
+
+
+def _flatten(tree, prefix=''):
+  if isinstance(tree, dict):
+    out = {}
+    for key in sorted(tree):
+      out.update(_flatten(tree[key], f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def check_manifest(directory: str, fields: dict, fresh: str) -> None:
+  """Guards a directory of results against another configuration.
+
+  `fields` (a nested dict of JSON values) is everything that changes the directory's results. The
+  first call records it in <directory>/manifest.json; a later call with other fields raises a
+  StateError in one line that names the differing fields and `fresh`, how to start afresh.
+  """
+  path = os.path.join(directory, 'manifest.json')
+  fields = json.loads(json.dumps(fields, default=str))  # the form it is stored in
+  if not os.path.exists(path):
+    write_json(path, fields, indent=1, sort_keys=True)
+    return
+  old, new = _flatten(read_json(path)), _flatten(fields)
+  differ = sorted(k for k in old.keys() | new.keys() if old.get(k, '<unset>') != new.get(k, '<unset>'))
+  if differ:
+    shown = ', '.join(f'{k} ({old.get(k, "<unset>")!r} -> {new.get(k, "<unset>")!r})'
+                      for k in differ[:6]) + (f' and {len(differ) - 6} more' if len(differ) > 6 else '')
+    raise StateError(f'{directory} holds results of another configuration: {shown}; {fresh}')
