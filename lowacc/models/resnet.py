@@ -28,6 +28,7 @@ import safetensors.numpy
 from flax import nnx
 from jax import lax
 
+from lowacc.models import torch_state
 from lowacc.models.mismatch import mismatch_detail
 
 STEMS = ('imagenet', 'cifar')
@@ -46,7 +47,7 @@ def _conv(cin: int, cout: int, size: int, stride: int, layer_kw, rngs: nnx.Rngs)
 
 
 def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+  return torch_state.batch_norm(features, rngs)
 
 
 def _downsample(cin: int, cout: int, stride: int, layer_kw, rngs: nnx.Rngs):
@@ -182,44 +183,10 @@ def resnet50(**kwargs) -> ResNet:
 _ARCHITECTURES = {'resnet18': (BasicBlock, (2, 2, 2, 2)), 'resnet34': (BasicBlock, (3, 4, 6, 3)),
                   'resnet50': (Bottleneck, (3, 4, 6, 3))}
 
-# The NNX variable name -> the torch state dict's.
-_TORCH_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-                'var': 'running_var'}
-
-
-def _torch_entries(model: nnx.Module) -> dict[str, nnx.Variable]:
-  """The model's variables by torch state-dict key."""
-  entries = {}
-  for path, node in nnx.iter_graph(model):
-    if not isinstance(node, nnx.Variable):
-      continue
-    if path[-1] not in _TORCH_NAMES:
-      raise ValueError(f'torchvision mapping: variable {".".join(map(str, path))} has no torch '
-                       f'name; known variable names are {tuple(_TORCH_NAMES)}')
-    entries['.'.join(map(str, path[:-1] + (_TORCH_NAMES[path[-1]],)))] = node
-  return entries
-
-
-def _to_torch_layout(a):
-  """HWIO conv kernel -> OIHW, (in, out) linear kernel -> (out, in); vectors unchanged."""
-  return a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T if a.ndim == 2 else a
-
-
-def _from_torch_layout(a):
-  return a.transpose(2, 3, 1, 0) if a.ndim == 4 else a.T if a.ndim == 2 else a
-
-
-def _torch_shape(shape: Sequence[int]) -> tuple[int, ...]:
-  """The shape `_to_torch_layout` gives an array of `shape`."""
-  if len(shape) == 4:
-    return tuple(shape[d] for d in (3, 2, 0, 1))
-  return tuple(shape[::-1]) if len(shape) == 2 else tuple(shape)
-
-
 def torchvision_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
   """The torchvision state-dict keys the model maps to, with their shapes in torch's layout
   (`num_batches_tracked` excluded). Works on `nnx.eval_shape` models."""
-  return {key: _torch_shape(var.shape) for key, var in _torch_entries(model).items()}
+  return torch_state.shapes(torch_state.entries(model))
 
 
 def _architecture(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str]:
@@ -279,20 +246,18 @@ def load_torchvision(model: nnx.Module,
     checkpoint = safetensors.numpy.load_file(os.fspath(checkpoint))
   tensors = {k: np.asarray(v) for k, v in checkpoint.items()
              if not k.endswith('num_batches_tracked')}
-  entries = _torch_entries(model)
-  expected = {k: _torch_shape(var.shape) for k, var in entries.items()}
+  entries = torch_state.entries(model)
+  expected = torch_state.shapes(entries)
   found = {k: tuple(t.shape) for k, t in tensors.items()}
   if expected != found:
     raise _mismatch_error(expected, found)
-  for key, var in entries.items():
-    # A copy: on the CPU, jnp.asarray would alias the caller's (mutable) numpy buffer.
-    var.set_value(jnp.array(_from_torch_layout(tensors[key]), var.dtype, copy=True))
+  torch_state.assign(entries, tensors)
 
 
 def save_torchvision(model: nnx.Module, path: Union[str, os.PathLike]) -> None:
   """Writes the model's parameters and batch statistics as a torchvision state dict (torch's
   layout) to a safetensors file, the inverse of `load_torchvision`. torch's `load_state_dict`
   accepts it as is: it fills in the missing `num_batches_tracked`."""
-  tensors = {key: np.ascontiguousarray(_to_torch_layout(np.asarray(var[...])))
-             for key, var in _torch_entries(model).items()}
+  tensors = {key: np.ascontiguousarray(torch_state.to_torch_layout(np.asarray(var[...])))
+             for key, var in torch_state.entries(model).items()}
   safetensors.numpy.save_file(tensors, os.fspath(path))
