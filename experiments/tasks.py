@@ -109,7 +109,7 @@ class ImageClassification(_Task):
     if self.config.model.name.startswith('efficientnet_'):  # its eval preprocessing, always
       variant = efficientnet.VARIANTS[self.config.model.name.removeprefix('efficientnet_')]
       return imagenet_samples.LiteEvalTransform(variant.image_size)
-    if self.config.data.name == 'imagenet':
+    if self.config.data.name in ('imagenet', 'imagenet_samples'):
       return images.imagenet_transform(train)
     return images.small_transform
 

