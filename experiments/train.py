@@ -14,9 +14,9 @@ Resuming. The whole config is checked before any work, and the workdir, locked f
 records the fields that change results (manifest.json) and refuses another config. Finished
 phases' results are read back from results.json, never recomputed. A training phase is finished
 when its export exists; an unfinished one resumes from its newest intact checkpoint (orbax, every
-config.checkpoint_every_steps: model, optimizer, phase, step; an unreadable one is deleted with a
-warning and the previous one taken), or else starts over from the export of the training phase
-before it (or the built model). A phase whose starting model is gone is refused. A NaN or inf loss
+config.checkpoint_every_steps: model, optimizer, phase, step; an unreadable one is passed over
+with a warning, and replaced when the run saves that step again), or else starts over from the
+export of the training phase before it (or the built model). A phase whose starting model is gone is refused. A NaN or inf loss
 stops the run (ValueError naming phase and step) before it is logged or checkpointed.
 """
 
@@ -299,9 +299,14 @@ class _Run:
     return nnx.Optimizer(self.model, tx, wrt=nnx.Param)
 
   def save(self, phase: str, step: int, optimizer):
+    """Checkpoints model and optimizer, replacing a checkpoint of the same number (one that
+    restore found unreadable, or one of a run that went further before this one recomputed it)."""
     state_ = nnx.to_pure_dict(nnx.state((self.model, optimizer)))
+    number = self.global_step(phase, step)
+    if number in self.checkpoints.all_steps():
+      self.checkpoints.delete(number)
     self.checkpoints.save(
-        self.global_step(phase, step),
+        number,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state_),
                                 meta=ocp.args.JsonSave({'phase': phase, 'step': step})),
         force=True)
@@ -314,28 +319,24 @@ class _Run:
 
   def restore(self, phase: str, optimizer) -> int:
     """Restores model and optimizer from the newest intact checkpoint of `phase` and returns its
-    step (0: none). The checkpoints after it are deleted (they are recomputed), each one that is
-    unreadable with a warning that names it."""
+    step (0: none); each unreadable one is passed over with a warning that names it."""
     first, last = self.global_step(phase, 0), self.global_step(phase, self.phase_steps(phase))
     live = nnx.state((self.model, optimizer))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(live))
     for number in sorted(self.checkpoints.all_steps(), reverse=True):
-      if number <= first:
-        break
-      if number <= last:
-        try:
-          saved = self.checkpoints.restore(number, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-          if saved['meta'] != {'phase': phase, 'step': number - first}:
-            raise ValueError(f"its metadata {saved['meta']} is not {phase!r} step {number - first}")
-          nnx.replace_by_pure_dict(live, saved['state'])
-          nnx.update((self.model, optimizer), live)
-          return number - first
-        except (ValueError, OSError) as e:
-          logging.warning('checkpoint %d in %s is unreadable (%s): deleted it, falling back to the '
-                          'one before', number, self.checkpoints.directory,
-                          str(e).splitlines()[0][:300])
-      self.checkpoints.delete(number)
+      if not first < number <= last:
+        continue
+      try:
+        saved = self.checkpoints.restore(number, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        if saved['meta'] != {'phase': phase, 'step': number - first}:
+          raise ValueError(f"its metadata {saved['meta']} is not {phase!r} step {number - first}")
+        nnx.replace_by_pure_dict(live, saved['state'])
+        nnx.update((self.model, optimizer), live)
+        return number - first
+      except (ValueError, OSError) as e:
+        logging.warning('checkpoint %d in %s is unreadable (%s): falling back to the one before',
+                        number, self.checkpoints.directory, str(e).splitlines()[0][:300])
     return 0
 
   def train(self, phase: str, policy: Policy):

@@ -147,7 +147,7 @@ def test_another_config_is_refused_naming_what_differs(finished, tmp_path):
   assert open(os.path.join(workdir, 'results.md')).read().startswith('# renamed\n')
 
 
-def test_a_busy_or_corrupt_workdir_is_refused(finished, tmp_path):
+def test_a_busy_workdir_or_a_corrupt_results_file_is_refused(finished, tmp_path):
   workdir = _copy(finished, tmp_path)
   with state.lock(workdir), pytest.raises(state.StateError, match='in use by another run'):
     train.run(_config(), workdir)
@@ -155,6 +155,11 @@ def test_a_busy_or_corrupt_workdir_is_refused(finished, tmp_path):
     f.write('{"config": {}, "resu')
   with pytest.raises(state.StateError, match=r'results\.json is corrupt'):
     train.run(_config(), workdir)
+  # Deleted, as the message says: the exports are evaluated again, no phase is trained again.
+  os.remove(os.path.join(workdir, 'results.json'))
+  shutil.rmtree(os.path.join(workdir, 'checkpoints'))
+  assert train.run(_config(), workdir) == finished[1]
+  assert _rows(workdir) == _rows(finished[0])
 
 
 @pytest.mark.parametrize('field, value, message', [
