@@ -1,6 +1,7 @@
 """The schema every experiment config shares, with defaults; experiment files override fields.
 
-Not an experiment itself: configs/<name>.py calls `base.get_config()` and sets its own fields.
+Not an experiment itself: configs/<name>.py calls `base.get_config()`, sets its own fields and
+returns `base.variant(c, arg)` for `--config=configs/<name>.py[:arg]`.
 """
 
 import ml_collections
@@ -67,9 +68,10 @@ def get_config():
   c.pretrain = _phase(steps=0)   # float32 training from scratch (offline demo only)
   c.stage1 = _phase(epochs=5.0, learning_rate=1e-3)
   c.stage2 = _phase(epochs=1.0, learning_rate=1e-4)
+  # Both >= 1; the last step of a phase is always logged and checkpointed.
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3  # 0: none (a killed phase starts over from the previous phase's model)
   return c
 
 
@@ -89,3 +91,18 @@ def runlocal(c):
   c.log_every_steps = 1
   c.checkpoint_every_steps = 1
   return c
+
+
+# What `--config=configs/<name>.py:<arg>` can ask for, besides the config itself.
+VARIANTS = {'runlocal': runlocal}
+
+
+def variant(c, arg):
+  """`c` as `--config=file.py:arg` asks: `c` itself without an argument, VARIANTS[arg](c) with
+  one; another argument is refused."""
+  if arg in (None, ''):
+    return c
+  if arg not in VARIANTS:
+    raise ValueError(f'config argument {arg!r} is invalid: valid are none (the full config) and '
+                     f'{", ".join(map(repr, VARIANTS))}')
+  return VARIANTS[arg](c)

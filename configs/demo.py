@@ -20,4 +20,4 @@ def get_config(arg=None):
   c.stage2.update(epochs=0.5, learning_rate=0.002, weight_decay=5e-4)
   c.log_every_steps = 10
   c.checkpoint_every_steps = 25
-  return base.runlocal(c) if arg == 'runlocal' else c
+  return base.variant(c, arg)

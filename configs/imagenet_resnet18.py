@@ -21,4 +21,4 @@ def get_config(arg=None):
   c.stage1.update(epochs=5.0, learning_rate=1e-3, optimizer='sgd', weight_decay=1e-4)
   c.stage2.update(epochs=1.0, learning_rate=1e-4, optimizer='sgd', weight_decay=1e-4)
   c.checkpoint_every_steps = 1000
-  return base.runlocal(c) if arg == 'runlocal' else c
+  return base.variant(c, arg)

@@ -7,4 +7,4 @@ def get_config(arg=None):
   c = imagenet_resnet18.get_config()
   c.name = 'ImageNet ResNet-34, M7E4 accumulator'
   c.model.name = 'resnet34'
-  return base.runlocal(c) if arg == 'runlocal' else c
+  return base.variant(c, arg)

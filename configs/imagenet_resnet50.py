@@ -9,4 +9,4 @@ def get_config(arg=None):
   c.name = 'ImageNet ResNet-50, FP8 inputs, M7E4 accumulator'
   c.model.name = 'resnet50'
   c.accumulator.fp8_inputs = True
-  return base.runlocal(c) if arg == 'runlocal' else c
+  return base.variant(c, arg)

@@ -18,4 +18,4 @@ def get_config(arg=None):
   c.stage1.update(epochs=1.0, learning_rate=1e-5, optimizer='adamw', weight_decay=0.01)
   c.stage2.update(epochs=0.25, learning_rate=5e-6, optimizer='adamw', weight_decay=0.01)
   c.checkpoint_every_steps = 1000
-  return base.runlocal(c) if arg == 'runlocal' else c
+  return base.variant(c, arg)

@@ -27,4 +27,4 @@ def get_config(arg=None):
   c.stage2.update(steps=-1, epochs=0.1, learning_rate=5e-6, optimizer='adamw', weight_decay=0.01)
   c.log_every_steps = 20
   c.checkpoint_every_steps = 100
-  return base.runlocal(c) if arg == 'runlocal' else c
+  return base.variant(c, arg)

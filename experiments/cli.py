@@ -1,12 +1,12 @@
-"""The command lines' common entry: a user's mistake prints one line and exits with status 2, a
-Ctrl-C one line and status 130; a bug keeps its traceback."""
+"""The command lines' common entry: a user's mistake (a bad flag, config or path) prints one line
+and exits with status 2, a Ctrl-C one line and status 130; a bug keeps its traceback."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app
+from absl import app, flags
 
 # What bad input raises: configs and formats (ValueError, StateError), missing or unwritable paths.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
@@ -14,7 +14,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 
 def run(main) -> None:
-  """absl's app.run(main), with user errors and interrupts reported in one line."""
+  """absl's app.run(main), with bad flags, user errors and interrupts reported in one line."""
   prog = os.path.basename(sys.argv[0]) if sys.argv else 'lowacc'
 
   def guarded(argv):
@@ -27,4 +27,12 @@ def run(main) -> None:
       print(f'{prog}: error: {e}', file=sys.stderr)
       sys.exit(2)
 
-  app.run(guarded)
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:  # ml_collections puts a config file's traceback into the message
+      lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+      print(f'{prog}: error: {" ".join(lines[:1] + lines[1:][-1:])}', file=sys.stderr)
+      sys.exit(2)
+
+  app.run(guarded, flags_parser=parse_flags)

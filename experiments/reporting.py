@@ -3,7 +3,6 @@ accuracy.png (accuracy against accumulator width, the paper's zero-shot table as
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -12,18 +11,31 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
+from experiments import state  # noqa: E402
+
 
 class MetricLog:
-  """Appends {'phase', 'step', metrics...} lines to metrics.jsonl and scalars to TensorBoard."""
+  """Appends {'phase', 'step', metrics...} lines to metrics.jsonl and scalars to TensorBoard; steps
+  are the run's global steps, increasing across phases."""
 
   def __init__(self, workdir: str):
     from tensorboardX import SummaryWriter
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._jsonl = open(self._path, 'a')
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
+  def rewind(self, step: int):
+    """Drops the lines past `step` (what a killed run logged after the checkpoint it resumes from),
+    so that the resumed run logs each step once."""
+    rows = state.read_jsonl(self._path)
+    kept = [row for row in rows if row['step'] <= step]
+    if len(kept) < len(rows):
+      self._jsonl.close()
+      state.write_jsonl(self._path, kept)
+      self._jsonl = open(self._path, 'a')
+
   def write(self, phase: str, step: int, metrics: dict[str, float]):
-    self._jsonl.write(json.dumps(dict(phase=phase, step=step, **metrics)) + '\n')
-    self._jsonl.flush()
+    state.append_jsonl(self._jsonl, dict(phase=phase, step=step, **metrics))
     for name, value in metrics.items():
       self._tb.add_scalar(f'{phase}/{name}', value, step)
     self._tb.flush()
@@ -34,18 +46,19 @@ class MetricLog:
 
 
 def load_results(workdir: str) -> dict:
+  """The finished phases' results in <workdir>/results.json ({} if there is none)."""
   path = os.path.join(workdir, 'results.json')
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)['results']
+  saved = state.read_json(path)
+  if not isinstance(saved, dict) or not isinstance(saved.get('results'), dict):
+    raise state.StateError(f'{path} holds no results: delete it to recompute what it held')
+  return saved['results']
 
 
 def save_results(workdir: str, config, results: dict):
-  path = os.path.join(workdir, 'results.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'config': config.to_dict(), 'results': results}, f, indent=1, default=str)
-  os.replace(path + '.tmp', path)  # atomic: a kill never leaves half a file
+  state.write_json(os.path.join(workdir, 'results.json'),
+                   {'config': config.to_dict(), 'results': results}, indent=1, default=str)
 
 
 def bits(fmt: str) -> int:

@@ -19,11 +19,20 @@ def write_json(path: str, obj, **dump_kwargs) -> None:
   """Writes `obj` as JSON to `path` atomically (a temporary file in the same directory, fsynced,
   then renamed over it), so a kill leaves the old file or the new one, never half of one. NaN and
   inf are refused: they are not JSON."""
+  _replace(path, lambda f: json.dump(obj, f, allow_nan=False, **dump_kwargs))
+
+
+def write_jsonl(path: str, rows: list) -> None:
+  """Replaces the JSON-lines file `path` with `rows`, atomically as write_json."""
+  _replace(path, lambda f: f.writelines(json.dumps(row, allow_nan=False) + '\n' for row in rows))
+
+
+def _replace(path: str, write) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + '.', suffix='.tmp')
   try:
     with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, allow_nan=False, **dump_kwargs)
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -49,8 +49,8 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def mnist(split: str) -> ArraySource:
   """5,000 real MNIST digits, offline: 'train' is the first 400 of each digit in file order
-  (4,000), 'test' the last 100 of each (1,000), the ten digits in turn (the file is sorted by
-  digit; interleaved, any prefix of the test set is balanced too)."""
+  (4,000), 'test' the last 100 of each (1,000). Both take the ten digits in turn (the file is
+  sorted by digit), so that any prefix, such as data.max_train_examples takes, is balanced."""
   _check_split(split, ('train', 'test'))
   images, labels = _mnist_arrays()
   rank = np.zeros_like(labels)
@@ -58,8 +58,7 @@ def mnist(split: str) -> ArraySource:
     members = labels == digit
     rank[members] = np.arange(members.sum())
   index = np.flatnonzero((rank < MNIST_TRAIN_PER_DIGIT) == (split == 'train'))
-  if split == 'test':
-    index = index[np.lexsort((labels[index], rank[index]))]
+  index = index[np.lexsort((labels[index], rank[index]))]
   return ArraySource(image=images[index], label=labels[index])
 
 
