@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.zero_shot = ('float32', 'M10E5', 'M9E5', 'M8E5', 'M7E5', 'M6E5', 'M7E4b10')
   for phase in (c.pretrain, c.stage1, c.stage2):  # evaluation only
     phase.steps = 0
-  if arg == 'runlocal':
-    c = base.runlocal(c)
+  c = base.variant(c, arg)
+  if arg == 'runlocal':  # four photos are enough for a smoke run
     c.data.max_eval_examples = 4
   return c

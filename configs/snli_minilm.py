@@ -28,4 +28,4 @@ def get_config(arg=None):
                   weight_decay=0.01)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
-  return base.runlocal(c) if arg == 'runlocal' else c
+  return base.variant(c, arg)
