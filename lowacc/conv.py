@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowacc.dot import dot_general
+from lowacc.dot import accumulation_stats, dot_general
 from lowacc.formats import AccumulatorConfig, DotConfig
 from lowacc.quantize import as_float32
 
@@ -61,6 +61,19 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     raise ValueError(f'conv_general_dilated: batch_group_count={batch_group_count} is not '
                      'supported by the simulated accumulator; only 1 is')
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  cols, kern, finish = _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                   dimension_numbers, feature_group_count)
+  y = dot_general(cols, kern, _PATCH_DIMS, config, key=key, name=name)
+  return finish(y).astype(out_dtype)
+
+
+_PATCH_DIMS = (((2,), (1,)), ((0,), (0,)))  # (groups, positions, K) . (groups, K, out)
+
+
+def _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                feature_group_count):
+  """The convolution as one GEMM: patches (groups, positions, K), kernel (groups, K, out) and the
+  function that lays the GEMM's output out as the convolution's."""
   lhs, rhs = as_float32(lhs, 'lhs'), as_float32(rhs, 'rhs')
   nsp = lhs.ndim - 2
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -88,12 +101,23 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   cols = cols.reshape(groups, positions, taps * cin)
   kern = k.reshape(taps, cin, groups, cout // groups).transpose(2, 0, 1, 3)
   kern = kern.reshape(groups, taps * cin, cout // groups)
-  y = dot_general(cols, kern, (((2,), (1,)), ((0,), (0,))), config, key=key, name=name)
-  y = y.transpose(1, 0, 2).reshape((n,) + tuple(out_spatial) + (cout,))
-  # y is (N, spatial..., O); place each axis where out_spec wants it.
-  order = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
-  inverse = [order.index(i) for i in range(y.ndim)]
-  return y.transpose(inverse).astype(out_dtype)
+
+  def finish(y):
+    y = y.transpose(1, 0, 2).reshape((n,) + tuple(out_spatial) + (cout,))
+    # y is (N, spatial..., O); place each axis where out_spec wants it.
+    order = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
+    return y.transpose([order.index(i) for i in range(y.ndim)])
+
+  return cols, kern, finish
+
+
+def conv_accumulation_stats(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                            rhs_dilation=None, dimension_numbers=None, feature_group_count=1, *,
+                            config, key=None):
+  """`lowacc.accumulation_stats` of the convolution's patch GEMM."""
+  cols, kern, _ = _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                              dimension_numbers, feature_group_count)
+  return accumulation_stats(cols, kern, _PATCH_DIMS, config, key=key)
 
 
 @dataclasses.dataclass(frozen=True)

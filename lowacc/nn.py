@@ -10,8 +10,7 @@ the model, joined by '/': 'layer1/0/conv2', 'encoder/layer/3/attention/self/quer
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Union
+import string
 
 import jax.numpy as jnp
 from flax import nnx
@@ -19,22 +18,25 @@ from jax import lax
 
 from lowacc.conv import ConvGeneralDilated
 from lowacc.dot import DotGeneral, collect_stats
-from lowacc.formats import UNDERFLOWS, AccumulatorConfig, DotConfig, FloatFormat
+from lowacc.policy import Config, Policy, Rule, simulated
 
-Config = Union[AccumulatorConfig, DotConfig, None]
+__all__ = ['Einsum', 'EinsumOp', 'Policy', 'Rule', 'apply_policy', 'einsum', 'layer_stats', 'rates']
 
 
 def einsum(equation: str, a, b, dot_general=lax.dot_general, precision=None,
            preferred_element_type=None, out_sharding=None):
   """A two-operand einsum as one `dot_general`, without jnp.einsum's jit (so counters can be
   collected eagerly). Letters in both operands and the output are batch dims; letters in both
-  operands only are contracted, in the order they appear in `a`."""
+  operands only are contracted, in the order they appear in `a`. An ellipsis stands for the same
+  leading dims in each operand and the output, aligned from the right (no broadcasting)."""
   try:
     inputs, out = equation.replace(' ', '').split('->')
     la, lb = inputs.split(',')
   except ValueError:
     raise ValueError(f"einsum equation {equation!r} is invalid: expected 'ab,bc->ac' with two "
                      'operands and an explicit output') from None
+  if '...' in la + lb + out:
+    la, lb, out = _expand_ellipsis(equation, (la, a), (lb, b), out)
   for letters, operand, what in ((la, a, 'first'), (lb, b, 'second')):
     if not letters.isalpha() or len(set(letters)) != len(letters) or len(letters) != operand.ndim:
       raise ValueError(f'einsum equation {equation!r}: the {what} operand needs one distinct '
@@ -52,6 +54,19 @@ def einsum(equation: str, a, b, dot_general=lax.dot_general, precision=None,
                   **kwargs)
   letters = batch + [c for c in la if c not in lb] + [c for c in lb if c not in la]
   return y.transpose([letters.index(c) for c in out])
+
+
+def _expand_ellipsis(equation, *operands_and_out):
+  """The equation's letters with each '...' replaced by letters of its own dims."""
+  *operands, out = operands_and_out
+  spare = [c for c in string.ascii_letters if c not in equation]
+  n = max(op.ndim - (len(letters) - 3) if '...' in letters else 0 for letters, op in operands)
+  dims = spare[:n]
+  expanded = []
+  for letters, op in operands:
+    k = op.ndim - (len(letters) - 3) if '...' in letters else 0
+    expanded.append(letters.replace('...', ''.join(dims[n - k:])))
+  return (*expanded, out.replace('...', ''.join(dims)))
 
 
 class Einsum(nnx.Module):
@@ -80,84 +95,27 @@ class EinsumOp:
                   out_sharding)
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """Layers whose name matches `pattern` (re.search) get `config` (None: float32)."""
-  pattern: str
-  config: Config
-
-  def __post_init__(self):
-    try:
-      re.compile(self.pattern)
-    except re.error as e:
-      raise ValueError(f'Rule.pattern={self.pattern!r} is not a regular expression: {e}') from None
-    DotConfig.of(self.config)
-
-
-@dataclasses.dataclass(frozen=True)
-class Policy:
-  """An ordered list of rules; a layer takes the config of the first rule that matches its name,
-  and float32 when none does."""
-  rules: tuple[Rule, ...]
-
-  def __post_init__(self):
-    object.__setattr__(self, 'rules', tuple(self.rules))
-    for rule in self.rules:
-      if not isinstance(rule, Rule):
-        raise ValueError(f'Policy.rules must hold Rule objects, got {rule!r}')
-
-  @classmethod
-  def everywhere(cls, config: Config, *, skip: tuple[str, ...] = ()) -> 'Policy':
-    """`config` for every layer except those matching a pattern in `skip` (kept float32)."""
-    return cls(tuple(Rule(p, None) for p in skip) + (Rule('.*', config),))
-
-  def config_for(self, name: str) -> Config:
-    for rule in self.rules:
-      if re.search(rule.pattern, name):
-        return rule.config
-    return None
-
-  def with_underflow(self, underflow: str) -> 'Policy':
-    """The same policy with every simulated format's underflow mode set (the paper's two stages:
-    'none' while fine-tuning stage 1, then the format's own, e.g. 'flush')."""
-    if underflow not in UNDERFLOWS:
-      raise ValueError(f'underflow={underflow!r} is invalid: valid values are {UNDERFLOWS}')
-
-    def fmt(f):
-      return f.replace(underflow=underflow) if isinstance(f, FloatFormat) else f
-
-    def acc(c):
-      if c is None:
-        return None
-      return c.replace(acc=fmt(c.acc), product=fmt(c.product), combine=fmt(c.combine))
-
-    def config(c):
-      if isinstance(c, DotConfig):
-        return DotConfig(acc(c.fwd), acc(c.dlhs), acc(c.drhs))
-      return acc(c)
-
-    return Policy(tuple(Rule(r.pattern, config(r.config)) for r in self.rules))
-
-
-def _simulated(config: Config) -> bool:
-  return DotConfig.of(config) != DotConfig(None)
-
-
 def apply_policy(model: nnx.Module, policy: Policy) -> dict[str, Config]:
   """Sets the GEMM of every Linear, LinearGeneral, Conv, nnx.Einsum and lowacc Einsum in `model`
-  (in place) to its config under `policy`; returns name -> config for every such layer."""
+  (in place) to its config under `policy` (role 'activation' for lowacc's Einsum, 'weight' for
+  the others); returns name -> config for every such layer. `lowacc.simulate` reaches every other
+  GEMM too."""
   assigned = {}
   for path, module in nnx.iter_modules(model):
     name = '/'.join(map(str, path))
-    config = policy.config_for(name)
-    on = _simulated(config)
     if isinstance(module, (nnx.Linear, nnx.LinearGeneral, Einsum)):
-      module.dot_general = DotGeneral(config, name) if on else lax.dot_general
+      role = 'activation' if isinstance(module, Einsum) else 'weight'
+      config = policy.config_for(name, role, 'dot')
+      module.dot_general = DotGeneral(config, name) if simulated(config) else lax.dot_general
+      if isinstance(module, nnx.LinearGeneral):
+        module.dot_general_cls = None  # Flax prefers dot_general_cls over dot_general
     elif isinstance(module, nnx.Conv):
-      module.conv_general_dilated = (ConvGeneralDilated(config, name) if on
+      config = policy.config_for(name, 'weight', 'conv')
+      module.conv_general_dilated = (ConvGeneralDilated(config, name) if simulated(config)
                                      else lax.conv_general_dilated)
     elif isinstance(module, nnx.Einsum):
-      module.einsum_op = EinsumOp(DotGeneral(config, name)) if on else jnp.einsum
+      config = policy.config_for(name, 'weight', 'dot')
+      module.einsum_op = EinsumOp(DotGeneral(config, name)) if simulated(config) else jnp.einsum
     else:
       continue
     assigned[name] = config

@@ -136,3 +136,18 @@ def test_vmap_and_gradient_through_the_kernel():
   dx, dw = jax.grad(lambda a, b: jax.numpy.vdot(dot(a, b), g), argnums=(0, 1))(x[0], w[0])
   assert_bits_equal(dx, g @ w[0].T, 'dx')
   assert_bits_equal(dw, x[0].T @ g, 'dw')
+
+
+def test_vmap_folds_into_one_kernel_call():
+  cfg = lowacc.PAPER_M7E4.replace(order='chunk', product=None)
+  rng = np.random.default_rng(8)
+  x, w = exact_operands(rng, (3, 2, 5, 40), (3, 2, 40, 6), -1)
+  dot = lambda a, b: native.chunk_dot(a, b, cfg)  # noqa: E731
+  hlo = jax.jit(jax.vmap(dot)).lower(x, w).as_text()  # one call, no loop over the examples
+  assert hlo.count('custom_call @lowacc_chunk_dot') == 1 and 'while' not in hlo, hlo
+  want = [xla_path(cfg, x[i], w[i]) for i in range(3)]
+  assert_bits_equal(jax.vmap(dot)(x, w), np.stack(want), 'vmap over both')
+  assert_bits_equal(jax.vmap(dot, (0, None))(x, w[0]),
+                    np.stack([xla_path(cfg, x[i], w[0]) for i in range(3)]), 'vmap over x')
+  nested = jax.vmap(jax.vmap(dot))(x[:, :, None], w[:, :, None])
+  assert_bits_equal(nested[:, :, 0], np.stack(want), 'nested vmap')

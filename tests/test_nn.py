@@ -196,3 +196,20 @@ def test_policy_on_resnet_skips_first_and_last(rng):
   assert set(stats) == {name for name, c in assigned.items() if c is not None}
   # layer1's 3x3 convs: 8x8 outputs x 2 channels, K = 9 * 2 = 18 -> 18 products + 2 combines.
   assert stats['layer1/0/conv1']['steps'] == 8 * 8 * 2 * (18 + 2)
+
+
+def test_einsum_ellipsis_and_linear_general_dot_general_cls(rng):
+  a = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+  b = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
+  w = rng.standard_normal((5, 6)).astype(np.float32)
+  from lowacc.nn import einsum
+  assert_bits_equal(einsum('...mk,...kn->...mn', a, b, precision=lax.Precision.HIGHEST),
+                    jnp.einsum('...mk,...kn->...mn', a, b, precision=lax.Precision.HIGHEST))
+  assert_bits_equal(einsum('...k,kn->...n', a, w, precision=lax.Precision.HIGHEST),
+                    jnp.einsum('...k,kn->...n', a, w, precision=lax.Precision.HIGHEST))
+  # Flax prefers dot_general_cls: the policy must replace it, not only dot_general.
+  layer = nnx.LinearGeneral(5, 6, dot_general_cls=lambda: lax.dot_general, rngs=nnx.Rngs(0))
+  apply_policy(layer, Policy.everywhere(NARROW))
+  x = a[0, 0, :2]
+  want = lowacc.dot_general(x, layer.kernel[...], (((1,), (0,)), ((), ())), NARROW)
+  assert_bits_equal(layer(x), want + layer.bias[...], 'LinearGeneral with dot_general_cls')

@@ -71,13 +71,29 @@ def _fields(fmt: Optional[FloatFormat]) -> np.ndarray:
 
 def chunk_dot(x, w, cfg: AccumulatorConfig):
   """The forward of order='chunk' on canonical float32 x (B, M, K), w (B, K, N) -> (B, M, N),
-  on the CPU, for a config that `supports` accepts."""
+  on the CPU, for a config that `supports` accepts. Under vmap, the vmapped axis joins B: one
+  kernel call for the whole batch."""
   if not supports(cfg):
     raise ValueError(f'lowacc.kernels.native.chunk_dot: not supported here: {cfg} '
                      f'(kernel available: {available()})')
-  b, m, k = x.shape
-  chunk = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
-  call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, m, w.shape[2]), jnp.float32),
-                         vmap_method='sequential')
-  return call(x, w, chunk=np.int64(max(chunk, 1)), acc=_fields(cfg.acc),
-              combine=_fields(cfg.combine_format))
+  return _batched_call(cfg)(x, w)
+
+
+@functools.cache
+def _batched_call(cfg: AccumulatorConfig):
+  @jax.custom_batching.custom_vmap
+  def call(x, w):
+    b, m, k = x.shape
+    chunk = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
+    ffi = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, m, w.shape[2]), jnp.float32))
+    return ffi(x, w, chunk=np.int64(max(chunk, 1)), acc=_fields(cfg.acc),
+               combine=_fields(cfg.combine_format))
+
+  @call.def_vmap
+  def fold_batch(axis_size, in_batched, x, w):
+    x, w = (a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            for a, batched in zip((x, w), in_batched))
+    y = call(x.reshape((-1,) + x.shape[2:]), w.reshape((-1,) + w.shape[2:]))
+    return y.reshape((axis_size, -1) + y.shape[1:]), True
+
+  return call

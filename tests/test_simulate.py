@@ -1,0 +1,343 @@
+"""lowacc.simulate on code lowacc did not write: every GEMM found, simulated, counted and named."""
+
+import re
+import warnings
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+import lowacc
+from lowacc import AccumulatorConfig, FloatFormat
+from lowacc.models import resnet
+from lowacc.nn import apply_policy
+from lowacc.policy import Policy, Rule
+from lowacc.simulate import coverage, simulate
+from tests.conftest import assert_bits_equal
+
+NARROW = AccumulatorConfig(acc=FloatFormat(3, 3, bias=3, rounding='toward_zero'), chunk_size=4)
+EVERYWHERE = Policy.everywhere(NARROW)
+# Wide enough that activations below 1 survive (NARROW flushes below 0.25), 4 bits of mantissa.
+MODEL = AccumulatorConfig(acc=FloatFormat(4, 3, rounding='toward_zero'), chunk_size=4)
+DN = (((1,), (0,)), ((), ()))
+
+
+def gemm_count(fn, *args):
+  """dot_general and conv equations of fn's float32 jaxpr, in every nested jaxpr."""
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name in ('dot_general', 'conv_general_dilated')
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        n += count(sub)
+    return n
+  leaves, tree = jax.tree.flatten(args)
+  arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
+
+  def traced(*values):  # the arrays traced, other leaves (Python bools, numbers) static
+    new = list(leaves)
+    for i, v in zip(arrays, values):
+      new[i] = v
+    return fn(*jax.tree.unflatten(tree, new))
+
+  return count(jax.make_jaxpr(traced)(*[leaves[i] for i in arrays]).jaxpr)
+
+
+def check_model(fn, *args):
+  """coverage lists exactly the jaxpr's GEMMs, all simulated; outputs differ from float32; a
+  gradient step runs. Returns the coverage."""
+  everywhere = Policy.everywhere(MODEL)
+  sites = coverage(fn, everywhere, *args)
+  assert len(sites) == gemm_count(fn, *args) > 0
+  assert len({c.site.path for c in sites}) == len(sites)
+  assert all(c.status == 'simulated' and c.config == MODEL for c in sites), sites
+  y = simulate(fn, everywhere)(*args)
+  assert not np.array_equal(np.asarray(y), np.asarray(fn(*args)))
+  leaves, tree = jax.tree.flatten(args[0])  # a gradient step on the float parameters
+  floats = [i for i, leaf in enumerate(leaves)
+            if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating)]
+
+  def loss(params):
+    new = list(leaves)
+    for i, p in zip(floats, params):
+      new[i] = p
+    return jnp.sum(simulate(fn, everywhere)(jax.tree.unflatten(tree, new), *args[1:]) ** 2)
+
+  grads = jax.grad(loss)([leaves[i] for i in floats])
+  assert all(np.isfinite(g).all() for g in grads) and any(np.any(g != 0) for g in grads)
+  return sites
+
+
+@pytest.fixture
+def xw(rng):
+  return (rng.standard_normal((4, 8)).astype(np.float32),
+          rng.standard_normal((8, 8)).astype(np.float32))
+
+
+# ------------------------------------------------------------------ control flow and custom rules
+
+@jax.custom_vjp
+def doubled_grad(x, w):
+  return x @ w
+
+
+doubled_grad.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (2 * g @ r[1].T, r[0].T @ g))
+
+
+def control_flow(x, w):
+  y = doubled_grad(x, w)
+  y = jax.checkpoint(lambda y: y @ w)(y)
+  y = lax.cond(y.sum() > 0, lambda y: y @ w, lambda y: y @ w.T, y)
+  y, _ = lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), y, jnp.stack([w, 2 * w]))
+  return y
+
+
+def control_flow_by_hand(x, w, cfg):
+  dot = lambda a, b: lowacc.dot_general(a, b, DN, cfg)  # noqa: E731
+
+  @jax.custom_vjp
+  def custom(x, w):
+    return dot(x, w)
+
+  custom.defvjp(lambda x, w: (dot(x, w), (x, w)), lambda r, g: (2 * g @ r[1].T, r[0].T @ g))
+  y = custom(x, w)
+  y = jax.checkpoint(lambda y: dot(y, w))(y)
+  y = lax.cond(y.sum() > 0, lambda y: dot(y, w), lambda y: dot(y, w.T), y)
+  y, _ = lax.scan(lambda c, wi: (jnp.tanh(dot(c, wi)), None), y, jnp.stack([w, 2 * w]))
+  return y
+
+
+def test_scan_cond_checkpoint_and_custom_vjp_are_simulated_with_the_custom_rule(xw):
+  x, w = xw
+  sites = coverage(control_flow, EVERYWHERE, x, w)
+  assert len(sites) == gemm_count(control_flow, x, w) == 5
+  assert [c.site.role for c in sites] == ['activation'] * 5  # bare arguments are activations
+  sim = simulate(control_flow, EVERYWHERE)
+  assert_bits_equal(sim(x, w), control_flow_by_hand(x, w, NARROW), 'forward')
+  assert_bits_equal(jax.jit(sim)(x, w), control_flow_by_hand(x, w, NARROW), 'forward, jit')
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w) ** 2)  # noqa: E731
+  for ste in ('identity', 'recursive_of'):
+    cfg = NARROW.replace(ste=ste)
+    got = jax.grad(loss(simulate(control_flow, Policy.everywhere(cfg))), (0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: control_flow_by_hand(x, w, cfg)), (0, 1))(x, w)
+    for g, e in zip(got, want):
+      assert_bits_equal(g, e, f'gradient under {ste}')
+  # Counted inside each of them, under jit and grad alike.
+  custom, remat, then, other, scan = (c.site.path for c in sites)
+  counted = simulate(control_flow, EVERYWHERE, stats=True)
+  grads, stats = jax.jit(jax.grad(lambda x, w: (jnp.sum(counted(x, w)[0] ** 2), counted(x, w)[1]),
+                                  (0, 1), has_aux=True))(x, w)
+  calls = {path: int(s['calls']) for path, s in stats.items()}
+  assert calls[custom] == calls[remat] == calls[then] + calls[other] == 1 and calls[scan] == 2
+  want = lowacc.accumulation_stats(x, w, DN, NARROW)
+  for k, v in want.items():
+    assert np.asarray(stats[custom][k]) == np.asarray(v), k
+  plain = jax.jit(jax.grad(loss(simulate(control_flow, EVERYWHERE)), (0, 1)))(x, w)
+  for g, e in zip(grads, plain):  # both compiled: XLA rounds fused float32 ops its own way
+    assert_bits_equal(g, e, 'gradient with counters')
+  # float32 everywhere is the function itself, gradients (the custom rule's 2x) included (both
+  # compiled: XLA's fusions round differently from op-by-op dispatch).
+  grad = lambda f: jax.jit(jax.grad(loss(f), (0, 1)))  # noqa: E731
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    for g, e in zip(grad(simulate(control_flow, Policy(())))(x, w), grad(control_flow)(x, w)):
+      assert_bits_equal(g, e, 'float32 gradient with the custom rule')
+
+
+def test_counters_equal_accumulation_stats_eager_jit_scan_and_vmap(xw):
+  x, w = xw
+  stack = jnp.stack([w, 2 * w, -w])
+
+  def fn(x, ws):
+    y, _ = lax.scan(lambda c, wi: (c @ wi, None), x, ws)
+    return jnp.einsum('mk,kn->mn', y, ws[0])
+
+  sim = simulate(fn, EVERYWHERE, stats=True)
+  (y, eager), (_, jitted) = sim(x, stack), jax.jit(sim)(x, stack)
+  assert jax.tree.map(lambda a, b: np.array_equal(a, b), eager, jitted) == jax.tree.map(
+      lambda _: True, eager)
+  scan_path, last_path = [c.site.path for c in coverage(fn, EVERYWHERE, x, stack)]
+  h, calls = x, []
+  for wi in stack:
+    calls.append(lowacc.accumulation_stats(h, wi, DN, NARROW))
+    h = lowacc.dot_general(h, wi, DN, NARROW)
+  for name in ('steps', 'sat', 'lost', 'flush'):
+    assert int(eager[scan_path][name]) == sum(int(c[name]) for c in calls), name
+  assert float(eager[scan_path]['max_abs_error']) == max(float(c['max_abs_error']) for c in calls)
+  assert int(eager[scan_path]['calls']) == 3
+  last = lowacc.accumulation_stats(h, stack[0], DN, NARROW)
+  for name in ('steps', 'sat', 'lost', 'flush', 'max_abs_error', 'rel_error'):
+    assert np.asarray(eager[last_path][name]) == np.asarray(last[name]), name
+  assert int(eager[scan_path]['sat']) > 0
+  # A vmapped GEMM is one batched GEMM: its counters sum over the batch.
+  xs = jnp.stack([x, -2 * x])
+  vy, vstats = simulate(jax.vmap(lambda x: x @ w), EVERYWHERE, stats=True)(xs)
+  (path,) = vstats
+  per_example = [lowacc.accumulation_stats(xi, w, DN, NARROW) for xi in xs]
+  for name in ('steps', 'sat', 'lost', 'flush'):
+    assert int(vstats[path][name]) == sum(int(s[name]) for s in per_example), name
+  assert_bits_equal(vy, jnp.stack([lowacc.dot_general(xi, w, DN, NARROW) for xi in xs]), 'vmap')
+
+
+def test_rules_match_path_role_kind_and_shapes_and_unmatched_sites_warn(xw):
+  x, w = xw
+  params = {'w': w}
+
+  def fn(params, x):
+    with jax.named_scope('proj'):
+      h = x @ params['w']
+    with jax.named_scope('attn'):
+      return h.T @ h
+
+  policy = Policy((Rule('proj', None), Rule('.*', NARROW, role='activation')))
+  sites = {c.site.path: c for c in coverage(fn, policy, params, x)}
+  assert sorted(sites) == ['attn', 'proj']
+  assert (sites['proj'].site.role, sites['proj'].status) == ('weight', 'float32 (rule)')
+  assert (sites['attn'].site.role, sites['attn'].status) == ('activation', 'simulated')
+  by_k = Policy((Rule('.*', NARROW, when=lambda s: s.contraction >= 8),))
+  assert [c.status for c in coverage(fn, by_k, params, x)] == ['simulated',
+                                                              'float32 (no rule matched)']
+  with pytest.warns(UserWarning, match='stay float32 by no explicit rule: attn'):
+    simulate(fn, by_k)(params, x)
+  with pytest.raises(ValueError, match='role'):
+    Rule('.*', NARROW, role='kernel')
+
+
+def test_a_jitted_helper_called_twice_is_two_sites(xw):
+  x, w = xw
+  helper = jax.jit(lambda a, b: a @ b)  # both calls trace to one cached jaxpr
+  fn = lambda x, w: helper(helper(x, w), w)  # noqa: E731
+  paths = [c.site.path for c in coverage(fn, EVERYWHERE, x, w)]
+  assert len(paths) == gemm_count(fn, x, w) == 2 and paths[1] == paths[0] + '#2'
+  _, stats = simulate(fn, EVERYWHERE, stats=True)(x, w)
+  assert sorted(stats) == sorted(paths)
+  by_hand = lowacc.dot_general(lowacc.dot_general(x, w, DN, NARROW), w, DN, NARROW)
+  assert_bits_equal(simulate(fn, EVERYWHERE)(x, w), by_hand, 'helper twice')
+  # Inside a scan whose carry starts as a parameter: the body is analysed twice.
+  def looped(params, x):
+    return lax.scan(lambda c, _: (helper(c, x), None), params['w'], None, length=2)[0]
+
+  (site,) = coverage(looped, EVERYWHERE, {'w': w}, w)
+  assert (site.site.role, site.status) == ('activation', 'simulated')
+  by_hand = lowacc.dot_general(lowacc.dot_general(w, w, DN, NARROW), w, DN, NARROW)
+  assert_bits_equal(simulate(looped, EVERYWHERE)({'w': w}, w), by_hand, 'jit inside scan')
+  first_only = Policy((Rule(f'^{re.escape(paths[0])}$', NARROW), Rule('.*', None)))
+  assert_bits_equal(simulate(fn, first_only)(x, w), lowacc.dot_general(x, w, DN, NARROW) @ w,
+                    'first call only')
+
+
+# ------------------------------------------------------------------ models lowacc did not write
+
+class Attention(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(11, 8, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(2, 8, qkv_features=8, decode=False, rngs=rngs)
+    self.up = nnx.ConvTranspose(8, 4, (3,), strides=(2,), rngs=rngs)
+
+  def __call__(self, tokens):
+    h = self.attn(self.embed(tokens))
+    return self.up(h).sum(-1) + self.embed.attend(h).sum(-1).repeat(2, axis=-1)
+
+
+def test_nnx_attention_embed_attend_and_conv_transpose():
+  model = Attention(nnx.Rngs(0))
+  tokens = jnp.array([[1, 2, 3, 4], [5, 6, 7, 10]])
+  fn = lambda model, tokens: model(tokens)  # noqa: E731
+  sites = {c.site.path: c.site for c in check_model(fn, model, tokens)}
+  assert {'attn/query', 'attn/key', 'attn/value', 'attn/out', 'up', 'embed'} <= set(sites)
+  assert sites['attn/query'].role == sites['embed'].role == sites['up'].role == 'weight'
+  products = [s for p, s in sites.items() if p.startswith('attn/') and s.role == 'activation']
+  assert len(products) == 2  # QK^T and PV, addressable under the module's path
+  # Hand wiring where Flax lets it: the projections' dot_general, everything else float32.
+  wired = Attention(nnx.Rngs(0))
+  for lin in (wired.attn.query, wired.attn.key, wired.attn.value, wired.attn.out):
+    lin.dot_general = lowacc.DotGeneral(MODEL)
+  policy = Policy((Rule('^attn/(query|key|value|out)$', MODEL), Rule('.*', None)))
+  assert_bits_equal(simulate(fn, policy)(model, tokens), wired(tokens), 'projections only')
+
+
+class Block(linen.Module):
+  """A small pre-norm transformer block from flax.linen layers."""
+
+  @linen.compact
+  def __call__(self, x):
+    h = linen.SelfAttention(num_heads=2, qkv_features=8)(linen.LayerNorm()(x))
+    x = x + h
+    h = linen.Dense(16)(linen.LayerNorm()(x))
+    return x + linen.Dense(8)(linen.gelu(h))
+
+
+class WiredBlock(linen.Module):
+  @linen.compact
+  def __call__(self, x):
+    dot = lowacc.DotGeneral(MODEL)
+    h = linen.SelfAttention(num_heads=2, qkv_features=8,
+                            attention_fn=lambda *a, **k: linen.dot_product_attention(
+                                *a, **k, einsum_dot_general=dot),
+                            qkv_dot_general=dot, out_dot_general=dot)(linen.LayerNorm()(x))
+    x = x + h
+    h = linen.Dense(16, dot_general=dot)(linen.LayerNorm()(x))
+    return x + linen.Dense(8, dot_general=dot)(linen.gelu(h))
+
+
+def test_linen_transformer_block(rng):
+  x = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+  params = Block().init(jax.random.key(0), x)
+  fn = lambda params, x: Block().apply(params, x)  # noqa: E731
+  paths = [c.site.path for c in check_model(fn, params, x)]
+  assert 'Block/Dense_0' in paths and 'Block/SelfAttention_0/query' in paths, paths
+  assert_bits_equal(simulate(fn, Policy.everywhere(MODEL))(params, x),
+                    WiredBlock().apply(params, x), 'hand-wired Linen block')
+
+
+def test_equinox_model_under_vmap(rng):
+  eqx = pytest.importorskip('equinox')
+  keys = jax.random.split(jax.random.key(0), 3)
+
+  class Model(eqx.Module):
+    conv: eqx.nn.Conv2d
+    attn: eqx.nn.MultiheadAttention
+    head: eqx.nn.Linear
+
+    def __call__(self, image):  # one (2, 6, 6) image
+      h = self.conv(image).reshape(4, -1).T   # (16, 4) tokens
+      h = self.attn(h, h, h)
+      return jax.vmap(self.head)(h)
+
+  model = Model(eqx.nn.Conv2d(2, 4, 3, key=keys[0]), eqx.nn.MultiheadAttention(2, 4, key=keys[1]),
+                eqx.nn.Linear(4, 3, key=keys[2]))
+  images = jnp.asarray(rng.standard_normal((2, 2, 6, 6)), jnp.float32)
+  fn = lambda model, images: jax.vmap(model)(images)  # noqa: E731
+  sites = check_model(fn, model, images)
+  roles = [c.site.role for c in sites]
+  assert roles.count('activation') == 2 and roles.count('weight') == len(sites) - 2
+
+
+# ------------------------------------------------------------------ lowacc's own ResNet
+
+def test_resnet_equals_apply_policy_forward_and_gradients(rng):
+  def build():
+    model = resnet.ResNet(resnet.BasicBlock, (1, 1, 1, 1), num_classes=3, stem='cifar',
+                          in_channels=1, width=2, rngs=nnx.Rngs(0))
+    model.eval()
+    return model
+
+  x = jnp.asarray(rng.standard_normal((1, 4, 4, 1)), jnp.float32)
+  for ste in ('identity', 'recursive_of'):
+    policy = Policy.everywhere(MODEL.replace(ste=ste), skip=('^conv1$',))
+    wired = build()
+    apply_policy(wired, policy)
+    graphdef, state = nnx.split(wired)
+    plain_graphdef, _ = nnx.split(build())
+    loss_wired = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) ** 2)  # noqa: E731
+    loss_sim = simulate(lambda model, x: jnp.sum(model(x) ** 2), policy)
+    model = nnx.merge(plain_graphdef, state)
+    assert_bits_equal(loss_sim(model, x), loss_wired(state, x), f'forward, {ste}')
+    got = jax.grad(lambda s, x: loss_sim(nnx.merge(plain_graphdef, s), x), (0, 1))(state, x)
+    want = jax.grad(loss_wired, (0, 1))(state, x)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert_bits_equal(g, e, f'gradient, {ste}')
