@@ -1,9 +1,9 @@
 """dot_general with a simulated low-bit accumulator (spec sections 3 to 5).
 
 The whole accumulator chain lives here. A dot is brought to the canonical form
-x (B, M, K) . w (B, K, N) -> (B, M, N); K is padded to whole chunks with products equal to -0
-(neutral in IEEE addition) and laid out k-major, (G, C, B, M) and (G, C, B, N), so step k reads one
-contiguous slice. `_run` scans the chunks: an inner chain per chunk ('fma': C steps; 'chunk': one
+x (B, M, K) . w (B, K, N) -> (B, M, N); K is padded to whole chunks with zero products neutral in
+IEEE addition (`pad_product`) and laid out k-major, (G, C, B, M) and (G, C, B, N), so step k reads
+one contiguous slice. `_run` scans the chunks: an inner chain per chunk ('fma': C steps; 'chunk': one
 float32 chunk sum rounded once), then one step of the combine chain. Observers attached to the
 inner and combine steps derive everything else from the same chain: telemetry counters, the
 residual the recursive estimators need, and the backward pass, which recomputes the chain instead
@@ -24,18 +24,41 @@ from jax import lax
 
 from lowacc.formats import AccumulatorConfig, DotConfig
 from lowacc.kernels import native
-from lowacc.quantize import as_float32, quantize_operand, random_bits, round_exact
+from lowacc.quantize import (as_float32, check_key, quantize_operand, random_bits, result_dtype,
+                             round_exact)
 
 _HIGHEST = lax.Precision.HIGHEST
 # Streams of the PRNG key: step t of each rounding draws random_bits(fold_in(fold_in(key, s), t)).
 _PRODUCT_STREAM, _ACC_STREAM, _COMBINE_STREAM, _DLHS_STREAM, _DRHS_STREAM = range(5)
 
 
-def two_sum(a, b):
-  """(s, e) with s = fl32(a + b) and s + e = a + b exactly (Knuth's TwoSum)."""
+def float32_sum(a, b, down=False):
+  """fl32(a + b), a zero signed as IEEE 754 (section 6.3) signs an exact zero sum: -0 when a and b
+  are both -0, or under `down` (rounding toward -inf) when either is negative, else +0. Not left
+  to XLA, which folds 0 + x into x."""
+  bits = lambda v: lax.bitcast_convert_type(v, jnp.uint32)
+  negative = (bits(a) | bits(b)) if down else (bits(a) & bits(b))
+  zero = lax.bitcast_convert_type(negative & jnp.uint32(0x80000000), jnp.float32)
   s = a + b
+  return jnp.where(s == 0, zero, s)
+
+
+def two_sum(a, b, down=False):
+  """(s, e) with s = float32_sum(a, b, down) and s + e = a + b exactly (Knuth's TwoSum).
+
+  An infinite operand gives e = 0 (the sum is exactly infinite); a finite sum beyond float32
+  gives s = +-inf with e = NaN, which `round_exact` overflows as a finite value.
+  """
+  s = float32_sum(a, b, down)
   bb = s - a
-  return s, (a - (s - bb)) + (b - bb)
+  e = (a - (s - bb)) + (b - bb)
+  return s, jnp.where(jnp.isinf(a) | jnp.isinf(b), 0.0, e)
+
+
+def pad_product(fmt) -> float:
+  """The product that pads a chunk: a zero that leaves every sum of `fmt`'s chain and its sign
+  unchanged, -0 (x + -0 = x), or +0 under rounding 'down' (where +0 + -0 = -0)."""
+  return 0.0 if fmt.rounding == 'down' else -0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +90,13 @@ def _step(s, u, fmt, rand):
   s=None (order 'chunk'): u is the chunk partial P, rounded alone, s = Q_acc(P).
   """
   if fmt is None:
-    out = s + u
+    out = float32_sum(s, u)
     no = jnp.zeros(out.shape, bool)
     return out, _Flags(no, no, no)
   if s is None:
     s, (hi, lo) = jnp.zeros_like(u), (u, None)
   else:
-    hi, lo = two_sum(s, u)
+    hi, lo = two_sum(s, u, fmt.rounding == 'down')
   out, sat = round_exact(hi, lo, fmt, rand)
   return out, _Flags(sat=sat, lost=(u != 0) & (out == s), flush=(out == 0) & (hi != 0))
 
@@ -94,8 +117,8 @@ class _Chain:
     c = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
     g = -(-k // c)
     pad = g * c - k
-    # Padded products are (-0) * (+0) = -0, which leaves every sum and sign unchanged.
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=-0.0)
+    # Padded products are pad_product(acc) * (+0), which leave every sum and sign unchanged.
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=pad_product(cfg.acc))
     w = jnp.pad(w, ((0, 0), (0, pad), (0, 0)))
     xs = x.transpose(2, 0, 1).reshape(g, c, b, m)
     ws = w.transpose(1, 0, 2).reshape(g, c, b, n)
@@ -134,6 +157,7 @@ class _Chain:
         u = jnp.einsum('cbm,cbn->bmn', xc, wc, precision=_HIGHEST)
       else:
         u = lax.fori_loop(0, c, lambda i, u: u + self.products(xc[i], wc[i], j * c + i), zero)
+      u = float32_sum(zero, u)  # P is summed from +0: a zero P is +0, in any order
       s, flags = _step(None, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, j))
       return s, observe(init, 0, u, flags)
 
@@ -264,7 +288,29 @@ def _accumulate_fwd(cfg: DotConfig, x, w, key):
         default=lambda x, w: _forward(_Chain.layout(fwd, x, w, key), False)[0]), None
   else:
     y, last = _forward(_Chain.layout(fwd, x, w, key), recursive)
-  return y, (x, w, key, last)
+  return _exact_tangent(fwd is not None and fwd.ste, y, x, w), (x, w, key, last)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _exact_tangent(ste, y, x, w):
+  """y, with the tangent of the exact dot (forward mode; the identity estimator's derivative).
+
+  The backward pass of `_accumulate` is differentiable; jax.hessian and the jvp of a gradient
+  also differentiate the forward rule, whose integer rounding would otherwise give zero tangents.
+  The fine-grained estimators define only a backward pass: their forward mode is refused.
+  """
+  return y
+
+
+@_exact_tangent.defjvp
+def _exact_tangent_jvp(ste, primals, tangents):
+  if ste not in (False, 'identity'):
+    raise ValueError(f"ste={ste!r} defines only reverse-mode gradients (jax.grad, jax.vjp): "
+                     "forward mode (jax.jvp, jax.jacfwd, jax.hessian) through it is not defined; "
+                     "use ste='identity' for second-order derivatives")
+  y, x, w = primals
+  _, dx, dw = tangents
+  return y, _float32_dot(dx, w) + _float32_dot(x, dw)
 
 
 def _accumulate_bwd(cfg: DotConfig, residuals, g):
@@ -338,19 +384,23 @@ def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None
                 preferred_element_type=None, name: Optional[str] = None):
   """`lax.dot_general` with the accumulation simulated by `config` (spec section 3).
 
-  config: an AccumulatorConfig (forward GEMM; backward GEMMs in float32), a DotConfig, or None
-  (plain `lax.dot_general`). key: PRNG key for stochastic rounding. The contraction runs over the
-  contracting dims flattened row-major in the order dimension_numbers gives them. `precision` is
-  accepted for signature compatibility; simulated GEMMs always compute in float32. name: the label
-  under which `collect_stats` records this GEMM's counters.
+  lhs, rhs: floats of at most 32 bits, or integers of at most 16 bits (exact in float32; they give
+  a float32 result). config: an AccumulatorConfig (forward GEMM; backward GEMMs in float32), a
+  DotConfig, or None (plain `lax.dot_general`). key: PRNG key for stochastic rounding. The
+  contraction runs over the contracting dims flattened row-major in the order dimension_numbers
+  gives them. `precision` is accepted for signature compatibility; simulated GEMMs always compute
+  in float32. name: the label under which `collect_stats` records this GEMM's counters.
+  Second order (jax.hessian, the jvp of a gradient) differentiates the identity estimator.
   """
   cfg = DotConfig.of(config)
-  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if cfg.fwd is None and cfg.dlhs is None and cfg.drhs is None:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
+  out_dtype = result_dtype(lhs, rhs, preferred_element_type)
   if cfg.fwd is not None and cfg.fwd.stochastic and key is None:
     raise ValueError("config uses rounding='stochastic': pass key= (a jax PRNG key)")
+  if key is not None:
+    check_key(key)
   if _recorders and name is not None and cfg.fwd is not None and cfg.fwd.acc is not None:
     _record(name, accumulation_stats(lhs, rhs, dimension_numbers, cfg, key=key))
   return _simulated_dot(cfg, _hashable(dimension_numbers), lhs, rhs, key).astype(out_dtype)

@@ -246,3 +246,18 @@ def test_stats_count_what_the_oracle_counts():
   assert int(stats['steps']) == 12 * (20 + 4) == len(flags)
   ref = np.einsum('bmk,bkn->bmn', x.astype(np.float64), w)
   np.testing.assert_allclose(float(stats['max_abs_error']), np.max(np.abs(y - ref)), rtol=1e-5)
+
+
+def test_integer_operands_are_exact_or_refused():
+  # int8/int16 convert exactly and give a float32 result: 16 * 127 * 127 = 258064 does not fit
+  # int8, where lax.dot_general would wrap and a cast would saturate.
+  x = np.full((2, 16), 127, np.int8)
+  cfg = AccumulatorConfig(acc=lowacc.FP32, chunk_size=4)
+  y = lowacc.matmul(x, x.T, cfg)
+  assert y.dtype == jnp.float32
+  assert_bits_equal(y, np.full((2, 2), 16 * 127 * 127, np.float32), 'int8')
+  assert lowacc.matmul(x.astype(np.int16), x.T.astype(np.int16), cfg).dtype == jnp.float32
+  with pytest.raises(ValueError, match='lhs has dtype int32: integers above 2\\^24'):
+    lowacc.matmul(np.full((1, 2), 2 ** 24 + 1, np.int32), np.ones((2, 1), np.float32), cfg)
+  with pytest.raises(ValueError, match='preferred_element_type=.*int8.*float dtype'):
+    lowacc.dot_general(x, x.T, (((1,), (0,)), ((), ())), cfg, preferred_element_type=jnp.int8)
