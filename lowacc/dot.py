@@ -168,7 +168,7 @@ class _Chain:
       s, flags = _step(s, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, t))
       return s, observe(state, i, u, flags)
 
-    return lax.fori_loop(0, c, body, (zero, init))
+    return lax.fori_loop(jnp.int32(0), jnp.int32(c), body, (zero, init))  # int32 i under x64 too
 
   def combine(self, j, total, s):
     fmt = self.cfg.combine_format
@@ -186,7 +186,7 @@ class _Chain:
       total, state, out = per_chunk(state, j, xc, wc, total)
       return (total, state), out
 
-    (total, state), outs = lax.scan(body, (zero, init), (jnp.arange(g), self.xs, self.ws))
+    (total, state), outs = lax.scan(body, (zero, init), (jnp.arange(g, dtype=jnp.int32), self.xs, self.ws))
     return total, state, outs
 
 

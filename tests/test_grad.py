@@ -130,3 +130,16 @@ def test_second_order_through_a_fine_grained_estimator_is_refused(rng):
   cfg = lowacc.PAPER_M7E4.replace(ste='recursive_of')
   with pytest.raises(ValueError, match="ste='recursive_of'.*forward mode.*ste='identity'"):
     jax.hessian(lambda a: jnp.sum(lowacc.matmul(a, w, cfg) ** 2))(x)
+
+
+def test_recursive_estimators_under_x64():
+  acc = FloatFormat(3, 3, bias=3, rounding='toward_zero', underflow='flush')
+  x, w = operands(acc, (1, 2, 13), (1, 13, 2), seed=4)
+  grads = {}
+  for x64 in (False, True):
+    with jax.enable_x64(x64):
+      for order in ('fma', 'chunk'):
+        cfg = AccumulatorConfig(acc=acc, chunk_size=6, order=order, ste='recursive_both')
+        grads[x64, order] = jax.grad(lambda a: jnp.sum(lowacc.dot_general(a, w, BATCHED, cfg)))(x)
+  for order in ('fma', 'chunk'):
+    assert_bits_equal(grads[True, order], grads[False, order], f'x64 {order}')
