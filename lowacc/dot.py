@@ -128,6 +128,11 @@ class _Chain:
   def out_shape(self):
     return (self.xs.shape[2], self.xs.shape[3], self.ws.shape[3])
 
+  def full(self, value, dtype=jnp.float32):
+    """A (B, M, N) array of `value`, typed as the chain's results: the sharding and the shard_map
+    axes of the products of x and w (a template XLA never computes). Scan carries start here."""
+    return jnp.full_like(self.xs[0, 0][:, :, None] * self.ws[0, 0][:, None, :], value, dtype)
+
   def rand(self, fmt, stream, t):
     if fmt is None or fmt.rounding != 'stochastic':
       return None
@@ -150,7 +155,7 @@ class _Chain:
     i is the step's position inside the chunk (order 'fma') or 0 (order 'chunk').
     """
     cfg = self.cfg
-    zero = jnp.zeros(self.out_shape, jnp.float32)
+    zero = self.full(0.0)
     c = xc.shape[0]
     if cfg.order == 'chunk':
       if cfg.product is None:
@@ -178,7 +183,7 @@ class _Chain:
     """Scans the chunks. per_chunk(state, j, xc, wc, total) -> (total, state, out). -> (total,
     state, stacked outs)."""
     g = self.xs.shape[0]
-    zero = jnp.zeros(self.out_shape, jnp.float32)
+    zero = self.full(0.0)
 
     def body(carry, inputs):
       total, state = carry
@@ -204,7 +209,7 @@ def _forward(chain: _Chain, track_forgets: bool):
       last = jnp.where(flags.forgets, j, last)
     return total, last, None
 
-  init = jnp.full(chain.out_shape, -1, jnp.int32) if track_forgets else None
+  init = chain.full(-1, jnp.int32) if track_forgets else None
   total, last, _ = chain.run(per_chunk, init)
   return total, last
 
@@ -223,7 +228,7 @@ def _backward(chain: _Chain, last_combine_forget, g):
     return jnp.where(flags.forgets, i, last) if recursive else last
 
   def per_chunk(state, j, xc, wc, total):
-    no_forget = jnp.full(chain.out_shape, -1, jnp.int32)
+    no_forget = chain.full(-1, jnp.int32)
     s, last_inner = chain.inner(j, xc, wc, last_forget, no_forget)  # pass A
     total, flags = chain.combine(j, total, s)
     gate = flags.passes(ste)
@@ -250,7 +255,8 @@ def _backward(chain: _Chain, last_combine_forget, g):
         dx = dx.at[i].set(jnp.einsum('bmn,bn->bm', gf, wc[i], precision=_HIGHEST))
         dw = dw.at[i].set(jnp.einsum('bmn,bm->bn', gf, xc[i], precision=_HIGHEST))
         return dx, dw
-      init = (jnp.zeros_like(xc), jnp.zeros_like(wc))
+      # Typed as x, w and g together (their sharding and shard_map axes), as the gradients are.
+      init = (jnp.zeros_like(xc + gj[None, :, :, 0]), jnp.zeros_like(wc + gj[None, :, 0, :]))
     _, grads = chain.inner(j, xc, wc, contribute, init)  # pass B
     return total, state, grads
 
@@ -284,7 +290,7 @@ def _accumulate_fwd(cfg: DotConfig, x, w, key):
   elif native.supports(fwd) and not recursive:
     # The native CPU kernel on the CPU, this XLA path elsewhere (equal where both are defined).
     y, last = lax.platform_dependent(
-        x, w, cpu=lambda x, w: native.chunk_dot(x, w, fwd),
+        x, w, cpu=lambda x, w: _vary(native.chunk_dot(x, w, fwd), x, w),
         default=lambda x, w: _forward(_Chain.layout(fwd, x, w, key), False)[0]), None
   else:
     y, last = _forward(_Chain.layout(fwd, x, w, key), recursive)
@@ -318,11 +324,31 @@ def _accumulate_bwd(cfg: DotConfig, residuals, g):
   fwd = cfg.fwd
   if fwd is not None and fwd.ste != 'identity' and x.shape[2] > 0:
     dx, dw = _backward(_Chain.layout(fwd, x, w, key), last, g)
-    return dx, dw, None
-  # Identity: the gradients of the exact dot, each GEMM under its own config.
-  dx = _canonical_dot(g, w, (((2,), (2,)), ((0,), (0,))), cfg.dlhs, _key_for(key, _DLHS_STREAM))
-  dw = _canonical_dot(x, g, (((1,), (1,)), ((0,), (0,))), cfg.drhs, _key_for(key, _DRHS_STREAM))
-  return dx, dw, None
+  else:  # identity: the gradients of the exact dot, each GEMM under its own config
+    dx = _canonical_dot(g, w, (((2,), (2,)), ((0,), (0,))), cfg.dlhs, _key_for(key, _DLHS_STREAM))
+    dw = _canonical_dot(x, g, (((1,), (1,)), ((0,), (0,))), cfg.drhs, _key_for(key, _DRHS_STREAM))
+  return _sum_to(dx, x), _sum_to(dw, w), None
+
+
+def _vary(v, *like):
+  """v typed as varying over every shard_map axis that one of `like` varies over (an FFI call's
+  result is not typed so)."""
+  axes = tuple(frozenset().union(*map(_varying, like)) - _varying(v))
+  return lax.pcast(v, axes, to='varying') if axes else v
+
+
+def _sum_to(d, primal):
+  """The gradient d summed over the shard_map axes it varies over and its primal does not (what
+  the transpose of lax.dot_general does for a replicated operand)."""
+  axes = tuple(_varying(d) - _varying(primal))
+  return lax.psum(d, axes) if axes else d
+
+
+def _varying(v) -> frozenset:
+  """The shard_map axes v varies over (none outside shard_map)."""
+  aval = jax.typeof(v)
+  manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10; `vma` before
+  return frozenset(manual.varying if manual is not None else getattr(aval, 'vma', ()))
 
 
 _accumulate.defvjp(_accumulate_fwd, _accumulate_bwd)
@@ -522,7 +548,7 @@ def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
 @functools.partial(jax.jit, static_argnums=0)
 def _stats(fwd: AccumulatorConfig, x, w, key):
   chain = _Chain.layout(fwd, x, w, key)
-  zero = jnp.zeros(chain.out_shape, jnp.int32)
+  zero = chain.full(0, jnp.int32)
   counts0 = {'sat': zero, 'lost': zero, 'flush': zero}
 
   def per_chunk(counts, j, xc, wc, total):

@@ -1,6 +1,9 @@
 """dot_general against the exact oracle, float32 references, and JAX transformations."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -261,3 +264,30 @@ def test_integer_operands_are_exact_or_refused():
     lowacc.matmul(np.full((1, 2), 2 ** 24 + 1, np.int32), np.ones((2, 1), np.float32), cfg)
   with pytest.raises(ValueError, match='preferred_element_type=.*int8.*float dtype'):
     lowacc.dot_general(x, x.T, (((1,), (0,)), ((), ())), cfg, preferred_element_type=jnp.int8)
+
+
+SHARD_MAP_CHECK = '''
+import jax, numpy as np, lowacc
+from jax.sharding import PartitionSpec as P
+mesh = jax.make_mesh((2,), ('d',), axis_types=(jax.sharding.AxisType.Auto,))
+# Small integers: the per-shard float32 gradient sums and their psum are exact in any order.
+x = np.arange(4 * 20, dtype=np.float32).reshape(4, 20) % 7 - 3
+w = np.arange(20 * 3, dtype=np.float32).reshape(20, 3) % 5 - 2
+for cfg in (lowacc.PAPER_M7E4, lowacc.PAPER_M7E4.replace(order='chunk', product=None),
+            lowacc.PAPER_M7E4.replace(ste='recursive_both')):
+  dot = lambda a, b: lowacc.matmul(a, b, cfg)
+  sharded = jax.shard_map(dot, mesh=mesh, in_specs=(P('d'), P()), out_specs=P('d'))  # check_vma
+  loss = lambda f: lambda a, b: (f(a, b) ** 2).sum()
+  for got, want in ((jax.jit(sharded)(x, w), dot(x, w)),
+                    *zip(jax.grad(loss(sharded), (0, 1))(x, w), jax.grad(loss(dot), (0, 1))(x, w))):
+    assert np.array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32)), cfg
+print('ok')
+'''
+
+
+def test_shard_map_with_check_vma():
+  # Two host devices need XLA_FLAGS before jax starts: a subprocess.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = subprocess.run([sys.executable, '-c', SHARD_MAP_CHECK], env=env, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
