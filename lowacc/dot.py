@@ -242,21 +242,23 @@ def _backward(chain: _Chain, last_combine_forget, g):
         passes &= i >= last_inner
       return jnp.where(passes, gj, 0.0)
 
+    def grad(spec, gf, operand, like):  # sharded as its primal (a mesh with Explicit axes)
+      return jnp.einsum(spec, gf, operand, precision=_HIGHEST, out_sharding=_spec(like))
+
     if cfg.order == 'chunk':
       def contribute(_, i, u, flags):
         gf = factor(i, flags)
-        return (jnp.einsum('bmn,cbn->cbm', gf, wc, precision=_HIGHEST),
-                jnp.einsum('bmn,cbm->cbn', gf, xc, precision=_HIGHEST))
+        return grad('bmn,cbn->cbm', gf, wc, xc), grad('bmn,cbm->cbn', gf, xc, wc)
       init = None
     else:
       def contribute(grads, i, u, flags):
         gf = factor(i, flags)
         dx, dw = grads
-        dx = dx.at[i].set(jnp.einsum('bmn,bn->bm', gf, wc[i], precision=_HIGHEST))
-        dw = dw.at[i].set(jnp.einsum('bmn,bm->bn', gf, xc[i], precision=_HIGHEST))
+        dx = dx.at[i].set(grad('bmn,bn->bm', gf, wc[i], xc[i]))
+        dw = dw.at[i].set(grad('bmn,bm->bn', gf, xc[i], wc[i]))
         return dx, dw
-      # Typed as x, w and g together (their sharding and shard_map axes), as the gradients are.
-      init = (jnp.zeros_like(xc + gj[None, :, :, 0]), jnp.zeros_like(wc + gj[None, :, 0, :]))
+      # Varying over the shard_map axes of x, w and g together, as the gradients do.
+      init = (_vary(jnp.zeros_like(xc), gj), _vary(jnp.zeros_like(wc), gj))
     _, grads = chain.inner(j, xc, wc, contribute, init)  # pass B
     return total, state, grads
 
@@ -287,14 +289,14 @@ def _accumulate_fwd(cfg: DotConfig, x, w, key):
   recursive = fwd is not None and fwd.ste.startswith('recursive')
   if fwd is None or fwd.acc is None or x.shape[2] == 0:
     y, last = _float32_dot(x, w), None
-  elif native.supports(fwd) and not recursive:
+  elif native.supports(fwd) and not recursive and not _sharded(x, w):
     # The native CPU kernel on the CPU, this XLA path elsewhere (equal where both are defined).
     y, last = lax.platform_dependent(
         x, w, cpu=lambda x, w: _vary(native.chunk_dot(x, w, fwd), x, w),
         default=lambda x, w: _forward(_Chain.layout(fwd, x, w, key), False)[0]), None
   else:
     y, last = _forward(_Chain.layout(fwd, x, w, key), recursive)
-  return _exact_tangent(fwd is not None and fwd.ste, y, x, w), (x, w, key, last)
+  return _exact_tangent('identity' if fwd is None else fwd.ste, y, x, w), (x, w, key, last)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -310,7 +312,7 @@ def _exact_tangent(ste, y, x, w):
 
 @_exact_tangent.defjvp
 def _exact_tangent_jvp(ste, primals, tangents):
-  if ste not in (False, 'identity'):
+  if ste != 'identity':
     raise ValueError(f"ste={ste!r} defines only reverse-mode gradients (jax.grad, jax.vjp): "
                      "forward mode (jax.jvp, jax.jacfwd, jax.hessian) through it is not defined; "
                      "use ste='identity' for second-order derivatives")
@@ -325,8 +327,10 @@ def _accumulate_bwd(cfg: DotConfig, residuals, g):
   if fwd is not None and fwd.ste != 'identity' and x.shape[2] > 0:
     dx, dw = _backward(_Chain.layout(fwd, x, w, key), last, g)
   else:  # identity: the gradients of the exact dot, each GEMM under its own config
-    dx = _canonical_dot(g, w, (((2,), (2,)), ((0,), (0,))), cfg.dlhs, _key_for(key, _DLHS_STREAM))
-    dw = _canonical_dot(x, g, (((1,), (1,)), ((0,), (0,))), cfg.drhs, _key_for(key, _DRHS_STREAM))
+    dx = _canonical_dot(g, w, (((2,), (2,)), ((0,), (0,))), cfg.dlhs, _key_for(key, _DLHS_STREAM),
+                        x)
+    dw = _canonical_dot(x, g, (((1,), (1,)), ((0,), (0,))), cfg.drhs, _key_for(key, _DRHS_STREAM),
+                        w)
   return _sum_to(dx, x), _sum_to(dw, w), None
 
 
@@ -344,6 +348,18 @@ def _sum_to(d, primal):
   return lax.psum(d, axes) if axes else d
 
 
+def _spec(v):
+  """v's PartitionSpec on a mesh with Explicit axes (the out_sharding of its gradient), else None."""
+  explicit = jax.sharding.AxisType.Explicit in jax.sharding.get_abstract_mesh().axis_types
+  return jax.typeof(v).sharding.spec if explicit else None
+
+
+def _sharded(*arrays) -> bool:
+  """Whether an operand's type is sharded (a mesh with Explicit axes), which the native kernel's
+  FFI call does not follow."""
+  return any(any(s is not None for s in _spec(a) or ()) for a in arrays)
+
+
 def _varying(v) -> frozenset:
   """The shard_map axes v varies over (none outside shard_map)."""
   aval = jax.typeof(v)
@@ -354,10 +370,11 @@ def _varying(v) -> frozenset:
 _accumulate.defvjp(_accumulate_fwd, _accumulate_bwd)
 
 
-def _canonical_dot(a, b, dims, config: Optional[AccumulatorConfig], key):
-  """A backward GEMM on canonical 3-d operands; its result is laid out as lax.dot_general's."""
+def _canonical_dot(a, b, dims, config: Optional[AccumulatorConfig], key, primal):
+  """A backward GEMM on canonical 3-d operands; its result is laid out as lax.dot_general's and
+  sharded as `primal` (on a mesh with Explicit axes)."""
   if config is None:
-    return lax.dot_general(a, b, dims, precision=_HIGHEST)
+    return lax.dot_general(a, b, dims, precision=_HIGHEST, out_sharding=_spec(primal))
   return dot_general(a, b, dims, config, key=key)
 
 

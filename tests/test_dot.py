@@ -266,28 +266,34 @@ def test_integer_operands_are_exact_or_refused():
     lowacc.dot_general(x, x.T, (((1,), (0,)), ((), ())), cfg, preferred_element_type=jnp.int8)
 
 
-SHARD_MAP_CHECK = '''
+SHARDED_CHECK = '''
 import jax, numpy as np, lowacc
-from jax.sharding import PartitionSpec as P
-mesh = jax.make_mesh((2,), ('d',), axis_types=(jax.sharding.AxisType.Auto,))
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2,), ('d',), axis_types=(AxisType.Auto,))
+explicit = jax.make_mesh((2,), ('d',), axis_types=(AxisType.Explicit,))
 # Small integers: the per-shard float32 gradient sums and their psum are exact in any order.
 x = np.arange(4 * 20, dtype=np.float32).reshape(4, 20) % 7 - 3
 w = np.arange(20 * 3, dtype=np.float32).reshape(20, 3) % 5 - 2
 for cfg in (lowacc.PAPER_M7E4, lowacc.PAPER_M7E4.replace(order='chunk', product=None),
             lowacc.PAPER_M7E4.replace(ste='recursive_both')):
   dot = lambda a, b: lowacc.matmul(a, b, cfg)
-  sharded = jax.shard_map(dot, mesh=mesh, in_specs=(P('d'), P()), out_specs=P('d'))  # check_vma
   loss = lambda f: lambda a, b: (f(a, b) ** 2).sum()
-  for got, want in ((jax.jit(sharded)(x, w), dot(x, w)),
-                    *zip(jax.grad(loss(sharded), (0, 1))(x, w), jax.grad(loss(dot), (0, 1))(x, w))):
-    assert np.array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32)), cfg
+  want = (dot(x, w), *jax.grad(loss(dot), (0, 1))(x, w))
+  sharded = jax.shard_map(dot, mesh=mesh, in_specs=(P('d'), P()), out_specs=P('d'))  # check_vma
+  runs = {'shard_map': (jax.jit(sharded)(x, w), *jax.grad(loss(sharded), (0, 1))(x, w))}
+  with jax.set_mesh(explicit):
+    xs = jax.device_put(x, NamedSharding(explicit, P('d')))
+    runs['explicit'] = (jax.jit(dot)(xs, w), *jax.jit(jax.grad(loss(dot), (0, 1)))(xs, w))
+  for name, got in runs.items():
+    for g, e in zip(got, want):
+      assert np.array_equal(np.asarray(g).view(np.uint32), np.asarray(e).view(np.uint32)), (name, cfg)
 print('ok')
 '''
 
 
-def test_shard_map_with_check_vma():
+def test_shard_map_with_check_vma_and_explicit_axes():
   # Two host devices need XLA_FLAGS before jax starts: a subprocess.
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  out = subprocess.run([sys.executable, '-c', SHARD_MAP_CHECK], env=env, capture_output=True,
+  out = subprocess.run([sys.executable, '-c', SHARDED_CHECK], env=env, capture_output=True,
                        text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
