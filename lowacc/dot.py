@@ -3,8 +3,8 @@
 The whole accumulator chain lives here. A dot is brought to the canonical form
 x (B, M, K) . w (B, K, N) -> (B, M, N); K is padded to whole chunks with zero products neutral in
 IEEE addition (`pad_product`) and laid out k-major, (G, C, B, M) and (G, C, B, N), so step k reads
-one contiguous slice. `_run` scans the chunks: an inner chain per chunk ('fma': C steps; 'chunk': one
-float32 chunk sum rounded once), then one step of the combine chain. Observers attached to the
+one contiguous slice. `_run` scans the chunks: an inner chain per chunk ('fma': C steps; 'chunk':
+one float32 chunk sum rounded once), then one step of the combine chain. Observers attached to the
 inner and combine steps derive everything else from the same chain: telemetry counters, the
 residual the recursive estimators need, and the backward pass, which recomputes the chain instead
 of storing an M x N x K tensor.
@@ -191,7 +191,8 @@ class _Chain:
       total, state, out = per_chunk(state, j, xc, wc, total)
       return (total, state), out
 
-    (total, state), outs = lax.scan(body, (zero, init), (jnp.arange(g, dtype=jnp.int32), self.xs, self.ws))
+    chunks = jnp.arange(g, dtype=jnp.int32)
+    (total, state), outs = lax.scan(body, (zero, init), (chunks, self.xs, self.ws))
     return total, state, outs
 
 
@@ -349,7 +350,7 @@ def _sum_to(d, primal):
 
 
 def _spec(v):
-  """v's PartitionSpec on a mesh with Explicit axes (the out_sharding of its gradient), else None."""
+  """v's PartitionSpec on a mesh with Explicit axes (its gradient's out_sharding), else None."""
   explicit = jax.sharding.AxisType.Explicit in jax.sharding.get_abstract_mesh().axis_types
   return jax.typeof(v).sharding.spec if explicit else None
 
