@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import operator
 from typing import Optional, Sequence
 
 import jax
@@ -18,7 +19,7 @@ from jax import lax
 
 from lowacc.dot import accumulation_stats, dot_general
 from lowacc.formats import AccumulatorConfig, DotConfig
-from lowacc.quantize import as_float32
+from lowacc.quantize import as_float32, result_dtype
 
 
 def patches(lhs, kernel_spatial: Sequence[int], window_strides, padding, lhs_dilation,
@@ -42,6 +43,33 @@ def patches(lhs, kernel_spatial: Sequence[int], window_strides, padding, lhs_dil
   return jnp.stack(taps, axis=-2)
 
 
+def _positive_ints(field: str, value, n: int):
+  try:
+    out = tuple(operator.index(v) for v in value)
+  except TypeError:
+    out = None
+  if out is None or len(out) != n or min(out) < 1:
+    raise ValueError(f'conv_general_dilated: {field}={value!r} is invalid: need {n} positive '
+                     'ints, one per spatial dim')
+  return out
+
+
+def _padding(padding, n: int):
+  """'SAME', 'SAME_LOWER', 'VALID' (any case, as lax), or n (low, high) pairs of ints."""
+  if isinstance(padding, str):
+    if padding.upper() in ('SAME', 'SAME_LOWER', 'VALID'):
+      return padding
+  else:
+    try:
+      pads = tuple((operator.index(lo), operator.index(hi)) for lo, hi in padding)
+      if len(pads) == n:
+        return pads
+    except (TypeError, ValueError):
+      pass
+  raise ValueError(f"conv_general_dilated: padding={padding!r} is invalid: need 'SAME', "
+                   f"'SAME_LOWER', 'VALID' or {n} (low, high) pairs of ints")
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
@@ -60,7 +88,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if batch_group_count != 1:
     raise ValueError(f'conv_general_dilated: batch_group_count={batch_group_count} is not '
                      'supported by the simulated accumulator; only 1 is')
-  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  out_dtype = result_dtype(lhs, rhs, preferred_element_type)
   cols, kern, finish = _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                    dimension_numbers, feature_group_count)
   y = dot_general(cols, kern, _PATCH_DIMS, config, key=key, name=name)
@@ -81,9 +109,10 @@ def _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, d
   x = lhs.transpose((lhs_spec[0],) + tuple(lhs_spec[2:]) + (lhs_spec[1],))  # N, spatial..., C
   k = rhs.transpose(tuple(rhs_spec[2:]) + (rhs_spec[1], rhs_spec[0]))  # spatial..., I, O
   kernel_spatial = k.shape[:nsp]
-  lhs_dilation = tuple(lhs_dilation or (1,) * nsp)
-  rhs_dilation = tuple(rhs_dilation or (1,) * nsp)
-  window_strides = tuple(window_strides)
+  window_strides = _positive_ints('window_strides', window_strides, nsp)
+  lhs_dilation = _positive_ints('lhs_dilation', lhs_dilation or (1,) * nsp, nsp)
+  rhs_dilation = _positive_ints('rhs_dilation', rhs_dilation or (1,) * nsp, nsp)
+  padding = _padding(padding, nsp)
   groups = feature_group_count
   channels, cin, cout = x.shape[-1], k.shape[-2], k.shape[-1]
   if groups < 1 or channels != cin * groups or cout % groups:

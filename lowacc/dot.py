@@ -1,10 +1,10 @@
 """dot_general with a simulated low-bit accumulator (spec sections 3 to 5).
 
 The whole accumulator chain lives here. A dot is brought to the canonical form
-x (B, M, K) . w (B, K, N) -> (B, M, N); K is padded to whole chunks with products equal to -0
-(neutral in IEEE addition) and laid out k-major, (G, C, B, M) and (G, C, B, N), so step k reads one
-contiguous slice. `_run` scans the chunks: an inner chain per chunk ('fma': C steps; 'chunk': one
-float32 chunk sum rounded once), then one step of the combine chain. Observers attached to the
+x (B, M, K) . w (B, K, N) -> (B, M, N); K is padded to whole chunks with zero products neutral in
+IEEE addition (`pad_product`) and laid out k-major, (G, C, B, M) and (G, C, B, N), so step k reads
+one contiguous slice. `_run` scans the chunks: an inner chain per chunk ('fma': C steps; 'chunk':
+one float32 chunk sum rounded once), then one step of the combine chain. Observers attached to the
 inner and combine steps derive everything else from the same chain: telemetry counters, the
 residual the recursive estimators need, and the backward pass, which recomputes the chain instead
 of storing an M x N x K tensor.
@@ -24,18 +24,41 @@ from jax import lax
 
 from lowacc.formats import AccumulatorConfig, DotConfig
 from lowacc.kernels import native
-from lowacc.quantize import as_float32, quantize_operand, random_bits, round_exact
+from lowacc.quantize import (as_float32, check_key, quantize_operand, random_bits, result_dtype,
+                             round_exact)
 
 _HIGHEST = lax.Precision.HIGHEST
 # Streams of the PRNG key: step t of each rounding draws random_bits(fold_in(fold_in(key, s), t)).
 _PRODUCT_STREAM, _ACC_STREAM, _COMBINE_STREAM, _DLHS_STREAM, _DRHS_STREAM = range(5)
 
 
-def two_sum(a, b):
-  """(s, e) with s = fl32(a + b) and s + e = a + b exactly (Knuth's TwoSum)."""
+def float32_sum(a, b, down=False):
+  """fl32(a + b), a zero signed as IEEE 754 (section 6.3) signs an exact zero sum: -0 when a and b
+  are both -0, or under `down` (rounding toward -inf) when either is negative, else +0. Not left
+  to XLA, which folds 0 + x into x."""
+  bits = lambda v: lax.bitcast_convert_type(v, jnp.uint32)
+  negative = (bits(a) | bits(b)) if down else (bits(a) & bits(b))
+  zero = lax.bitcast_convert_type(negative & jnp.uint32(0x80000000), jnp.float32)
   s = a + b
+  return jnp.where(s == 0, zero, s)
+
+
+def two_sum(a, b, down=False):
+  """(s, e) with s = float32_sum(a, b, down) and s + e = a + b exactly (Knuth's TwoSum).
+
+  An infinite operand gives e = 0 (the sum is exactly infinite); a finite sum beyond float32
+  gives s = +-inf with e = NaN, which `round_exact` overflows as a finite value.
+  """
+  s = float32_sum(a, b, down)
   bb = s - a
-  return s, (a - (s - bb)) + (b - bb)
+  e = (a - (s - bb)) + (b - bb)
+  return s, jnp.where(jnp.isinf(a) | jnp.isinf(b), 0.0, e)
+
+
+def pad_product(fmt) -> float:
+  """The product that pads a chunk: a zero that leaves every sum of `fmt`'s chain and its sign
+  unchanged, -0 (x + -0 = x), or +0 under rounding 'down' (where +0 + -0 = -0)."""
+  return 0.0 if fmt.rounding == 'down' else -0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +90,13 @@ def _step(s, u, fmt, rand):
   s=None (order 'chunk'): u is the chunk partial P, rounded alone, s = Q_acc(P).
   """
   if fmt is None:
-    out = s + u
+    out = float32_sum(s, u)
     no = jnp.zeros(out.shape, bool)
     return out, _Flags(no, no, no)
   if s is None:
     s, (hi, lo) = jnp.zeros_like(u), (u, None)
   else:
-    hi, lo = two_sum(s, u)
+    hi, lo = two_sum(s, u, fmt.rounding == 'down')
   out, sat = round_exact(hi, lo, fmt, rand)
   return out, _Flags(sat=sat, lost=(u != 0) & (out == s), flush=(out == 0) & (hi != 0))
 
@@ -94,8 +117,8 @@ class _Chain:
     c = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
     g = -(-k // c)
     pad = g * c - k
-    # Padded products are (-0) * (+0) = -0, which leaves every sum and sign unchanged.
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=-0.0)
+    # Padded products are pad_product(acc) * (+0), which leave every sum and sign unchanged.
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=pad_product(cfg.acc))
     w = jnp.pad(w, ((0, 0), (0, pad), (0, 0)))
     xs = x.transpose(2, 0, 1).reshape(g, c, b, m)
     ws = w.transpose(1, 0, 2).reshape(g, c, b, n)
@@ -104,6 +127,11 @@ class _Chain:
   @property
   def out_shape(self):
     return (self.xs.shape[2], self.xs.shape[3], self.ws.shape[3])
+
+  def full(self, value, dtype=jnp.float32):
+    """A (B, M, N) array of `value`, typed as the chain's results: the sharding and the shard_map
+    axes of the products of x and w (a template XLA never computes). Scan carries start here."""
+    return jnp.full_like(self.xs[0, 0][:, :, None] * self.ws[0, 0][:, None, :], value, dtype)
 
   def rand(self, fmt, stream, t):
     if fmt is None or fmt.rounding != 'stochastic':
@@ -127,13 +155,14 @@ class _Chain:
     i is the step's position inside the chunk (order 'fma') or 0 (order 'chunk').
     """
     cfg = self.cfg
-    zero = jnp.zeros(self.out_shape, jnp.float32)
+    zero = self.full(0.0)
     c = xc.shape[0]
     if cfg.order == 'chunk':
       if cfg.product is None:
         u = jnp.einsum('cbm,cbn->bmn', xc, wc, precision=_HIGHEST)
       else:
         u = lax.fori_loop(0, c, lambda i, u: u + self.products(xc[i], wc[i], j * c + i), zero)
+      u = float32_sum(zero, u)  # P is summed from +0: a zero P is +0, in any order
       s, flags = _step(None, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, j))
       return s, observe(init, 0, u, flags)
 
@@ -144,7 +173,7 @@ class _Chain:
       s, flags = _step(s, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, t))
       return s, observe(state, i, u, flags)
 
-    return lax.fori_loop(0, c, body, (zero, init))
+    return lax.fori_loop(jnp.int32(0), jnp.int32(c), body, (zero, init))  # int32 i under x64 too
 
   def combine(self, j, total, s):
     fmt = self.cfg.combine_format
@@ -154,7 +183,7 @@ class _Chain:
     """Scans the chunks. per_chunk(state, j, xc, wc, total) -> (total, state, out). -> (total,
     state, stacked outs)."""
     g = self.xs.shape[0]
-    zero = jnp.zeros(self.out_shape, jnp.float32)
+    zero = self.full(0.0)
 
     def body(carry, inputs):
       total, state = carry
@@ -162,7 +191,8 @@ class _Chain:
       total, state, out = per_chunk(state, j, xc, wc, total)
       return (total, state), out
 
-    (total, state), outs = lax.scan(body, (zero, init), (jnp.arange(g), self.xs, self.ws))
+    chunks = jnp.arange(g, dtype=jnp.int32)
+    (total, state), outs = lax.scan(body, (zero, init), (chunks, self.xs, self.ws))
     return total, state, outs
 
 
@@ -180,7 +210,7 @@ def _forward(chain: _Chain, track_forgets: bool):
       last = jnp.where(flags.forgets, j, last)
     return total, last, None
 
-  init = jnp.full(chain.out_shape, -1, jnp.int32) if track_forgets else None
+  init = chain.full(-1, jnp.int32) if track_forgets else None
   total, last, _ = chain.run(per_chunk, init)
   return total, last
 
@@ -199,7 +229,7 @@ def _backward(chain: _Chain, last_combine_forget, g):
     return jnp.where(flags.forgets, i, last) if recursive else last
 
   def per_chunk(state, j, xc, wc, total):
-    no_forget = jnp.full(chain.out_shape, -1, jnp.int32)
+    no_forget = chain.full(-1, jnp.int32)
     s, last_inner = chain.inner(j, xc, wc, last_forget, no_forget)  # pass A
     total, flags = chain.combine(j, total, s)
     gate = flags.passes(ste)
@@ -213,20 +243,23 @@ def _backward(chain: _Chain, last_combine_forget, g):
         passes &= i >= last_inner
       return jnp.where(passes, gj, 0.0)
 
+    def grad(spec, gf, operand, like):  # sharded as its primal (a mesh with Explicit axes)
+      return jnp.einsum(spec, gf, operand, precision=_HIGHEST, out_sharding=_spec(like))
+
     if cfg.order == 'chunk':
       def contribute(_, i, u, flags):
         gf = factor(i, flags)
-        return (jnp.einsum('bmn,cbn->cbm', gf, wc, precision=_HIGHEST),
-                jnp.einsum('bmn,cbm->cbn', gf, xc, precision=_HIGHEST))
+        return grad('bmn,cbn->cbm', gf, wc, xc), grad('bmn,cbm->cbn', gf, xc, wc)
       init = None
     else:
       def contribute(grads, i, u, flags):
         gf = factor(i, flags)
         dx, dw = grads
-        dx = dx.at[i].set(jnp.einsum('bmn,bn->bm', gf, wc[i], precision=_HIGHEST))
-        dw = dw.at[i].set(jnp.einsum('bmn,bm->bn', gf, xc[i], precision=_HIGHEST))
+        dx = dx.at[i].set(grad('bmn,bn->bm', gf, wc[i], xc[i]))
+        dw = dw.at[i].set(grad('bmn,bm->bn', gf, xc[i], wc[i]))
         return dx, dw
-      init = (jnp.zeros_like(xc), jnp.zeros_like(wc))
+      # Varying over the shard_map axes of x, w and g together, as the gradients do.
+      init = (_vary(jnp.zeros_like(xc), gj), _vary(jnp.zeros_like(wc), gj))
     _, grads = chain.inner(j, xc, wc, contribute, init)  # pass B
     return total, state, grads
 
@@ -257,14 +290,36 @@ def _accumulate_fwd(cfg: DotConfig, x, w, key):
   recursive = fwd is not None and fwd.ste.startswith('recursive')
   if fwd is None or fwd.acc is None or x.shape[2] == 0:
     y, last = _float32_dot(x, w), None
-  elif native.supports(fwd) and not recursive:
+  elif native.supports(fwd) and not recursive and not _sharded(x, w):
     # The native CPU kernel on the CPU, this XLA path elsewhere (equal where both are defined).
     y, last = lax.platform_dependent(
-        x, w, cpu=lambda x, w: native.chunk_dot(x, w, fwd),
+        x, w, cpu=lambda x, w: _vary(native.chunk_dot(x, w, fwd), x, w),
         default=lambda x, w: _forward(_Chain.layout(fwd, x, w, key), False)[0]), None
   else:
     y, last = _forward(_Chain.layout(fwd, x, w, key), recursive)
-  return y, (x, w, key, last)
+  return _exact_tangent('identity' if fwd is None else fwd.ste, y, x, w), (x, w, key, last)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _exact_tangent(ste, y, x, w):
+  """y, with the tangent of the exact dot (forward mode; the identity estimator's derivative).
+
+  The backward pass of `_accumulate` is differentiable; jax.hessian and the jvp of a gradient
+  also differentiate the forward rule, whose integer rounding would otherwise give zero tangents.
+  The fine-grained estimators define only a backward pass: their forward mode is refused.
+  """
+  return y
+
+
+@_exact_tangent.defjvp
+def _exact_tangent_jvp(ste, primals, tangents):
+  if ste != 'identity':
+    raise ValueError(f"ste={ste!r} defines only reverse-mode gradients (jax.grad, jax.vjp): "
+                     "forward mode (jax.jvp, jax.jacfwd, jax.hessian) through it is not defined; "
+                     "use ste='identity' for second-order derivatives")
+  y, x, w = primals
+  _, dx, dw = tangents
+  return y, _float32_dot(dx, w) + _float32_dot(x, dw)
 
 
 def _accumulate_bwd(cfg: DotConfig, residuals, g):
@@ -272,20 +327,55 @@ def _accumulate_bwd(cfg: DotConfig, residuals, g):
   fwd = cfg.fwd
   if fwd is not None and fwd.ste != 'identity' and x.shape[2] > 0:
     dx, dw = _backward(_Chain.layout(fwd, x, w, key), last, g)
-    return dx, dw, None
-  # Identity: the gradients of the exact dot, each GEMM under its own config.
-  dx = _canonical_dot(g, w, (((2,), (2,)), ((0,), (0,))), cfg.dlhs, _key_for(key, _DLHS_STREAM))
-  dw = _canonical_dot(x, g, (((1,), (1,)), ((0,), (0,))), cfg.drhs, _key_for(key, _DRHS_STREAM))
-  return dx, dw, None
+  else:  # identity: the gradients of the exact dot, each GEMM under its own config
+    dx = _canonical_dot(g, w, (((2,), (2,)), ((0,), (0,))), cfg.dlhs, _key_for(key, _DLHS_STREAM),
+                        x)
+    dw = _canonical_dot(x, g, (((1,), (1,)), ((0,), (0,))), cfg.drhs, _key_for(key, _DRHS_STREAM),
+                        w)
+  return _sum_to(dx, x), _sum_to(dw, w), None
+
+
+def _vary(v, *like):
+  """v typed as varying over every shard_map axis that one of `like` varies over (an FFI call's
+  result is not typed so)."""
+  axes = tuple(frozenset().union(*map(_varying, like)) - _varying(v))
+  return lax.pcast(v, axes, to='varying') if axes else v
+
+
+def _sum_to(d, primal):
+  """The gradient d summed over the shard_map axes it varies over and its primal does not (what
+  the transpose of lax.dot_general does for a replicated operand)."""
+  axes = tuple(_varying(d) - _varying(primal))
+  return lax.psum(d, axes) if axes else d
+
+
+def _spec(v):
+  """v's PartitionSpec on a mesh with Explicit axes (its gradient's out_sharding), else None."""
+  explicit = jax.sharding.AxisType.Explicit in jax.sharding.get_abstract_mesh().axis_types
+  return jax.typeof(v).sharding.spec if explicit else None
+
+
+def _sharded(*arrays) -> bool:
+  """Whether an operand's type is sharded (a mesh with Explicit axes), which the native kernel's
+  FFI call does not follow."""
+  return any(any(s is not None for s in _spec(a) or ()) for a in arrays)
+
+
+def _varying(v) -> frozenset:
+  """The shard_map axes v varies over (none outside shard_map)."""
+  aval = jax.typeof(v)
+  manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10; `vma` before
+  return frozenset(manual.varying if manual is not None else getattr(aval, 'vma', ()))
 
 
 _accumulate.defvjp(_accumulate_fwd, _accumulate_bwd)
 
 
-def _canonical_dot(a, b, dims, config: Optional[AccumulatorConfig], key):
-  """A backward GEMM on canonical 3-d operands; its result is laid out as lax.dot_general's."""
+def _canonical_dot(a, b, dims, config: Optional[AccumulatorConfig], key, primal):
+  """A backward GEMM on canonical 3-d operands; its result is laid out as lax.dot_general's and
+  sharded as `primal` (on a mesh with Explicit axes)."""
   if config is None:
-    return lax.dot_general(a, b, dims, precision=_HIGHEST)
+    return lax.dot_general(a, b, dims, precision=_HIGHEST, out_sharding=_spec(primal))
   return dot_general(a, b, dims, config, key=key)
 
 
@@ -338,19 +428,23 @@ def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None
                 preferred_element_type=None, name: Optional[str] = None):
   """`lax.dot_general` with the accumulation simulated by `config` (spec section 3).
 
-  config: an AccumulatorConfig (forward GEMM; backward GEMMs in float32), a DotConfig, or None
-  (plain `lax.dot_general`). key: PRNG key for stochastic rounding. The contraction runs over the
-  contracting dims flattened row-major in the order dimension_numbers gives them. `precision` is
-  accepted for signature compatibility; simulated GEMMs always compute in float32. name: the label
-  under which `collect_stats` records this GEMM's counters.
+  lhs, rhs: floats of at most 32 bits, or integers of at most 16 bits (exact in float32; they give
+  a float32 result). config: an AccumulatorConfig (forward GEMM; backward GEMMs in float32), a
+  DotConfig, or None (plain `lax.dot_general`). key: PRNG key for stochastic rounding. The
+  contraction runs over the contracting dims flattened row-major in the order dimension_numbers
+  gives them. `precision` is accepted for signature compatibility; simulated GEMMs always compute
+  in float32. name: the label under which `collect_stats` records this GEMM's counters.
+  Second order (jax.hessian, the jvp of a gradient) differentiates the identity estimator.
   """
   cfg = DotConfig.of(config)
-  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   if cfg.fwd is None and cfg.dlhs is None and cfg.drhs is None:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
+  out_dtype = result_dtype(lhs, rhs, preferred_element_type)
   if cfg.fwd is not None and cfg.fwd.stochastic and key is None:
     raise ValueError("config uses rounding='stochastic': pass key= (a jax PRNG key)")
+  if key is not None:
+    check_key(key)
   if _recorders and name is not None and cfg.fwd is not None and cfg.fwd.acc is not None:
     _record(name, accumulation_stats(lhs, rhs, dimension_numbers, cfg, key=key))
   return _simulated_dot(cfg, _hashable(dimension_numbers), lhs, rhs, key).astype(out_dtype)
@@ -472,7 +566,7 @@ def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
 @functools.partial(jax.jit, static_argnums=0)
 def _stats(fwd: AccumulatorConfig, x, w, key):
   chain = _Chain.layout(fwd, x, w, key)
-  zero = jnp.zeros(chain.out_shape, jnp.int32)
+  zero = chain.full(0, jnp.int32)
   counts0 = {'sat': zero, 'lost': zero, 'flush': zero}
 
   def per_chunk(counts, j, xc, wc, total):

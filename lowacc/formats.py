@@ -7,7 +7,10 @@ static arguments of `jax.jit` and of `jnp.einsum(..., _dot_general=...)`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional, Union
+
+import numpy as np
 
 ROUNDINGS = ('nearest_even', 'toward_zero', 'down', 'up', 'stochastic')
 UNDERFLOWS = ('flush', 'subnormal', 'none')
@@ -22,16 +25,21 @@ _F32_MIN_EXP = -126
 _F32_MAX_EXP = 127
 
 
-def _check_int(owner: str, field: str, value, lo: int, hi: Optional[int] = None):
-  if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(obj, field: str, lo: int, hi: Optional[int] = None):
+  """Checks that obj.field is an integer (Python or numpy) in [lo, hi]; stores it as an int."""
+  owner, value = type(obj).__name__, getattr(obj, field)
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
     raise ValueError(f'{owner}.{field} must be an int, got {value!r}')
+  value = int(value)
   if value < lo or (hi is not None and value > hi):
     valid = f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'
-    raise ValueError(f'{owner}.{field}={value} is invalid: must be {valid}')
+    shown = value if value.bit_length() <= 64 else f'<an int of {value.bit_length()} bits>'
+    raise ValueError(f'{owner}.{field}={shown} is invalid: must be {valid}')
+  object.__setattr__(obj, field, value)
 
 
 def _check_choice(owner: str, field: str, value, choices):
-  if value not in choices:
+  if not isinstance(value, str) or value not in choices:
     raise ValueError(f'{owner}.{field}={value!r} is invalid: valid values are {choices}')
 
 
@@ -51,11 +59,12 @@ class FloatFormat:
   overflow: str = 'saturate'
 
   def __post_init__(self):
-    _check_int('FloatFormat', 'exp_bits', self.exp_bits, 1)
-    _check_int('FloatFormat', 'man_bits', self.man_bits, 0, 23)
+    # Past 2^30 exponent codes or a bias beyond +-2^30, no finite value would fit float32.
+    _check_int(self, 'exp_bits', 1, 30)
+    _check_int(self, 'man_bits', 0, 23)
     if self.bias is None:
       object.__setattr__(self, 'bias', 2 ** (self.exp_bits - 1) - 1)
-    _check_int('FloatFormat', 'bias', self.bias, -2 ** 30)
+    _check_int(self, 'bias', -2 ** 30, 2 ** 30)
     _check_choice('FloatFormat', 'rounding', self.rounding, ROUNDINGS)
     _check_choice('FloatFormat', 'underflow', self.underflow, UNDERFLOWS)
     _check_choice('FloatFormat', 'overflow', self.overflow, OVERFLOWS)
@@ -165,9 +174,10 @@ class AccumulatorConfig:
       if value is not None and not isinstance(value, InputQuant):
         raise ValueError(f'AccumulatorConfig.{field} must be an InputQuant or None, got {value!r}')
     if self.chunk_size is not None:
-      _check_int('AccumulatorConfig', 'chunk_size', self.chunk_size, 1)
+      _check_int(self, 'chunk_size', 1)
     _check_choice('AccumulatorConfig', 'order', self.order, ORDERS)
-    if not (self.combine is None or self.combine == 'acc' or isinstance(self.combine, FloatFormat)):
+    if not (self.combine is None or isinstance(self.combine, FloatFormat)
+            or (isinstance(self.combine, str) and self.combine == 'acc')):
       raise ValueError(f"AccumulatorConfig.combine={self.combine!r} is invalid: valid values are "
                        "'acc', a FloatFormat, or None (float32)")
     _check_choice('AccumulatorConfig', 'ste', self.ste, STES)
@@ -177,6 +187,11 @@ class AccumulatorConfig:
     if self.acc is None and self.ste != 'identity':
       raise ValueError(f"AccumulatorConfig.ste={self.ste!r} needs a simulated accumulator "
                        "(acc=None is a float32 dot): use ste='identity' or set acc")
+    for field in ('chunk_size', 'order', 'combine'):
+      value, default = getattr(self, field), _DEFAULTS[field]
+      if self.acc is None and (type(value) is not type(default) or value != default):
+        raise ValueError(f'AccumulatorConfig.{field}={value!r} would be ignored: acc=None is a '
+                         f'float32 dot; leave {field} at its default {default!r} or set acc')
 
   @property
   def combine_format(self) -> Optional[FloatFormat]:
@@ -191,6 +206,9 @@ class AccumulatorConfig:
 
   def replace(self, **changes) -> 'AccumulatorConfig':
     return dataclasses.replace(self, **changes)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AccumulatorConfig)}
 
 
 @dataclasses.dataclass(frozen=True)

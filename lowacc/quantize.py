@@ -51,6 +51,15 @@ def limit_bits(fmt: FloatFormat) -> int:
   return _F32_MAX if fmt.overflow == 'none' else _float_bits(fmt.max_normal)
 
 
+def check_key(key):
+  """Refuses a key that is not one jax PRNG key: jax.random.key(seed), or a uint32[2] PRNGKey."""
+  dtype, shape = getattr(key, 'dtype', None), getattr(key, 'shape', None)
+  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+  if not (typed or (dtype == jnp.uint32 and shape == (2,))):
+    what = repr(key) if dtype is None else f'an array of {dtype} and shape {shape}'
+    raise ValueError(f'key={what} is not a jax PRNG key: pass one key, jax.random.key(seed)')
+
+
 def random_bits(key, shape):
   """The uniform uint32 words a stochastic rounding of an array of `shape` draws from `key`."""
   return jax.random.bits(key, shape, jnp.uint32)
@@ -60,6 +69,8 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
   """Rounds the exact value hi + lo into `fmt` once; returns (value, sat).
 
   hi, lo: float32 with |lo| <= ulp(hi) / 2 (TwoSum's result), or lo=None for a single value.
+    An infinite hi is an exact infinity (kept under overflow 'inf' and 'none', +-max_normal under
+    'saturate'), except with lo NaN: a finite sum beyond float32, which overflows as one.
   rand: uint32 words for rounding='stochastic'.
   sat: the exact magnitude exceeded max_normal (float32's max for overflow='none').
 
@@ -73,10 +84,12 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
   sign = u & _u32(_SIGN)
   a = u & _u32(_ABS)
   nan = a > _u32(_INF)
+  infinite = a == _u32(_INF)  # an exact infinity, unless lo is NaN: a finite sum beyond float32
   sticky = jnp.zeros(a.shape, bool)
   if lo is not None:
     lu = lax.bitcast_convert_type(lo, jnp.uint32)
     la = lu & _u32(_ABS)
+    infinite &= la <= _u32(_INF)
     sticky = (la != 0) & (a < _u32(_INF))
     below = sticky & ((lu ^ u) >= _u32(_SIGN))  # lo opposite to hi: exact value is below |hi|
     a = jnp.where(below, a - 1, a)
@@ -158,6 +171,8 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
     mag = jnp.where(mag < _u32((fmt.min_exp + 127) << 23), _u32(0), mag)
   if fmt.overflow != 'none':
     over = mag > limit
+    if fmt.overflow != 'saturate':  # an infinity is exact: only finite results overflow
+      over &= ~infinite
     if fmt.overflow == 'saturate' or mode == 'toward_zero':
       mag = jnp.where(over, limit, mag)
     elif mode in ('up', 'down'):
@@ -170,16 +185,32 @@ def round_exact(hi, lo, fmt: FloatFormat, rand=None):
 
 
 def as_float32(x, what: str = 'x'):
-  """x as float32. Floats of at most 32 bits and integers convert exactly; 64-bit values are
-  refused when jax_enable_x64 is on (otherwise JAX itself converts them to 32 bits)."""
+  """x as float32, exactly: floats of at most 32 bits and integers of at most 16 bits. Wider
+  integers are refused (float32 holds integers exactly only up to 2^24), and so are 64-bit floats
+  when jax_enable_x64 is on (otherwise JAX itself converts them to 32 bits)."""
   dtype = np.dtype(x.dtype) if hasattr(x, 'dtype') else np.asarray(x).dtype
   if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
     raise ValueError(f'{what} has dtype {dtype}: expected a float or integer array')
+  if jnp.issubdtype(dtype, jnp.integer) and dtype.itemsize > 2:
+    raise ValueError(f'{what} has dtype {dtype}: integers above 2^24 are not exact in float32, '
+                     'the container lowacc simulates in; pass (u)int8/(u)int16, or float32')
   x = jnp.asarray(x)
   if x.dtype.itemsize > 4:
     raise ValueError(f'{what} has dtype {x.dtype}: lowacc simulates in float32 containers; pass '
                      'float32 (or narrower) values')
   return x.astype(jnp.float32)
+
+
+def result_dtype(lhs, rhs, preferred_element_type=None):
+  """The dtype of a simulated GEMM's float32 result: preferred_element_type, else the operands'
+  float dtype, and float32 for integer operands (lax's integer result would wrap, not round)."""
+  if preferred_element_type is not None:
+    if not jnp.issubdtype(preferred_element_type, jnp.floating):
+      raise ValueError(f'preferred_element_type={preferred_element_type!r} is invalid: a '
+                       'simulated accumulator gives floats; use a float dtype or None')
+    return preferred_element_type
+  dtype = jnp.result_type(lhs, rhs)
+  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -208,6 +239,7 @@ def quantize(x, fmt: FloatFormat, key: Optional[jax.Array] = None):
     if key is None:
       raise ValueError(f"quantize: FloatFormat.rounding='stochastic' ({fmt.name}) needs key=, "
                        'a jax PRNG key')
+    check_key(key)
     rand = random_bits(key, x.shape)
   return _quantize_ste(x, rand, fmt)
 
@@ -232,13 +264,16 @@ def quantize_operand(x, iq: Optional[InputQuant], reduce_axes=None):
 
   reduce_axes: for scaling='per_channel_pow2', the axes max|x| is taken over (a weight's
   contracting axes), so each remaining index gets its own power-of-two scale.
+  The scale comes from the finite values: an inf or NaN is quantized like any value (NaN stays
+  NaN; inf stays inf, or becomes +-max_normal / 2^k under overflow='saturate').
   """
   if iq is None:
     return x
   if iq.scaling == 'none':
     return quantize(x, iq.format)
   axes = None if iq.scaling == 'per_tensor_pow2' else reduce_axes
-  amax = lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
-  usable = jnp.isfinite(amax) & (amax > 0)
+  finite = jnp.where(jnp.isfinite(x), jnp.abs(x), 0.0)
+  amax = lax.stop_gradient(jnp.max(finite, axis=axes, keepdims=True))
+  usable = amax > 0
   k = jnp.where(usable, iq.format.max_exp - _exponent_of(jnp.where(usable, amax, 1.0)), 0)
   return _scale(quantize(_scale(x, k), iq.format), -k)

@@ -1,6 +1,9 @@
 """dot_general against the exact oracle, float32 references, and JAX transformations."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -246,3 +249,51 @@ def test_stats_count_what_the_oracle_counts():
   assert int(stats['steps']) == 12 * (20 + 4) == len(flags)
   ref = np.einsum('bmk,bkn->bmn', x.astype(np.float64), w)
   np.testing.assert_allclose(float(stats['max_abs_error']), np.max(np.abs(y - ref)), rtol=1e-5)
+
+
+def test_integer_operands_are_exact_or_refused():
+  # int8/int16 convert exactly and give a float32 result: 16 * 127 * 127 = 258064 does not fit
+  # int8, where lax.dot_general would wrap and a cast would saturate.
+  x = np.full((2, 16), 127, np.int8)
+  cfg = AccumulatorConfig(acc=lowacc.FP32, chunk_size=4)
+  y = lowacc.matmul(x, x.T, cfg)
+  assert y.dtype == jnp.float32
+  assert_bits_equal(y, np.full((2, 2), 16 * 127 * 127, np.float32), 'int8')
+  assert lowacc.matmul(x.astype(np.int16), x.T.astype(np.int16), cfg).dtype == jnp.float32
+  with pytest.raises(ValueError, match='lhs has dtype int32: integers above 2\\^24'):
+    lowacc.matmul(np.full((1, 2), 2 ** 24 + 1, np.int32), np.ones((2, 1), np.float32), cfg)
+  with pytest.raises(ValueError, match='preferred_element_type=.*int8.*float dtype'):
+    lowacc.dot_general(x, x.T, (((1,), (0,)), ((), ())), cfg, preferred_element_type=jnp.int8)
+
+
+SHARDED_CHECK = '''
+import jax, numpy as np, lowacc
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((2,), ('d',), axis_types=(AxisType.Auto,))
+explicit = jax.make_mesh((2,), ('d',), axis_types=(AxisType.Explicit,))
+# Small integers: the per-shard float32 gradient sums and their psum are exact in any order.
+x = np.arange(4 * 20, dtype=np.float32).reshape(4, 20) % 7 - 3
+w = np.arange(20 * 3, dtype=np.float32).reshape(20, 3) % 5 - 2
+for cfg in (lowacc.PAPER_M7E4, lowacc.PAPER_M7E4.replace(order='chunk', product=None),
+            lowacc.PAPER_M7E4.replace(ste='recursive_both')):
+  dot = lambda a, b: lowacc.matmul(a, b, cfg)
+  loss = lambda f: lambda a, b: (f(a, b) ** 2).sum()
+  want = (dot(x, w), *jax.grad(loss(dot), (0, 1))(x, w))
+  sharded = jax.shard_map(dot, mesh=mesh, in_specs=(P('d'), P()), out_specs=P('d'))  # check_vma
+  runs = {'shard_map': (jax.jit(sharded)(x, w), *jax.grad(loss(sharded), (0, 1))(x, w))}
+  with jax.set_mesh(explicit):
+    xs = jax.device_put(x, NamedSharding(explicit, P('d')))
+    runs['explicit'] = (jax.jit(dot)(xs, w), *jax.jit(jax.grad(loss(dot), (0, 1)))(xs, w))
+  for name, got in runs.items():
+    for g, e in zip(got, want):
+      assert np.array_equal(np.asarray(g).view(np.uint32), np.asarray(e).view(np.uint32)), name
+print('ok')
+'''
+
+
+def test_shard_map_with_check_vma_and_explicit_axes():
+  # Two host devices need XLA_FLAGS before jax starts: a subprocess.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = subprocess.run([sys.executable, '-c', SHARDED_CHECK], env=env, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]

@@ -45,7 +45,7 @@ def test_configs_are_hashable_static_arguments():
 
 
 @pytest.mark.parametrize('make, words', [
-    (lambda: FloatFormat(0, 3), ['exp_bits=0', '>= 1']),
+    (lambda: FloatFormat(0, 3), ['exp_bits=0', '[1, 30]']),
     (lambda: FloatFormat(4, -1), ['man_bits=-1', '[0, 23]']),
     (lambda: FloatFormat(4, 24), ['man_bits=24', '[0, 23]']),
     (lambda: FloatFormat(4.0, 3), ['exp_bits', 'int']),
@@ -68,12 +68,35 @@ def test_configs_are_hashable_static_arguments():
     (lambda: DotConfig(fwd=lowacc.PAPER_M7E4.replace(ste='immediate_of'),
                        dlhs=lowacc.PAPER_M7E4), ['DotConfig.dlhs', "ste='identity'"]),
     (lambda: DotConfig.of('paper'), ['config', 'DotConfig']),
+    (lambda: FloatFormat(10 ** 6, 7), ['exp_bits=1000000', '[1, 30]']),
+    (lambda: FloatFormat(4, 7, bias=10 ** 6000), ['bias=<an int of 19932 bits>', '[-1073741824']),
+    (lambda: FloatFormat(4, np.float64(7)), ['man_bits', 'int']),
+    (lambda: AccumulatorConfig(acc=lowacc.PAPER_ACC, combine=np.array(['acc'])),
+     ['combine=array', "'acc'"]),
+    (lambda: AccumulatorConfig(acc=lowacc.PAPER_ACC, order=np.array(['fma'])), ['order=array']),
+    (lambda: AccumulatorConfig(None, order='chunk', combine=lowacc.FP16),
+     ["order='chunk'", 'ignored', 'acc=None', "'fma'"]),
+    (lambda: AccumulatorConfig(None, combine=lowacc.FP16), ['combine=FloatFormat', 'acc=None']),
+    (lambda: AccumulatorConfig(None, chunk_size=32), ['chunk_size=32', 'acc=None', '16']),
 ])
 def test_invalid_configs_name_field_value_and_valid_range(make, words):
   with pytest.raises(ValueError) as err:
     make()
   for word in words:
     assert word in str(err.value), (word, str(err.value))
+
+
+def _conv(window_strides=(1, 1), padding='SAME', **kwargs):
+  return lowacc.conv_general_dilated(np.ones((1, 4, 4, 2)), np.ones((3, 3, 2, 4)), window_strides,
+                                     padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                     config=lowacc.PAPER_M7E4, **kwargs)
+
+
+def test_numpy_integers_are_ints():
+  fmt = FloatFormat(np.int64(4), np.int32(7), bias=np.int16(10))
+  assert fmt == lowacc.PAPER_ACC.replace(rounding='nearest_even', underflow='flush')
+  assert type(fmt.exp_bits) is int and hash(fmt) == hash(FloatFormat(4, 7, bias=10))
+  assert AccumulatorConfig(lowacc.PAPER_ACC, chunk_size=np.int64(8)).chunk_size == 8
 
 
 @pytest.mark.parametrize('call, words', [
@@ -96,6 +119,17 @@ def test_invalid_configs_name_field_value_and_valid_range(make, words):
                                          'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                          batch_group_count=2, config=lowacc.PAPER_M7E4),
      ['batch_group_count=2']),
+    (lambda: _conv(window_strides=(0, 1)), ['window_strides=(0, 1)', '2 positive ints']),
+    (lambda: _conv(lhs_dilation=(1, -1)), ['lhs_dilation=(1, -1)', 'positive']),
+    (lambda: _conv(rhs_dilation=(2,)), ['rhs_dilation=(2,)', '2 positive ints']),
+    (lambda: _conv(padding=((1, 1),)), ['padding=((1, 1),)', "'SAME'", '2 (low, high) pairs']),
+    (lambda: _conv(padding='FULL'), ["padding='FULL'", "'VALID'"]),
+    (lambda: lowacc.matmul(np.ones((2, 3)), np.ones((3, 2)), AccumulatorConfig(
+        acc=FloatFormat(4, 7, rounding='stochastic')), key='garbage'), ["key='garbage'", 'PRNG']),
+    (lambda: lowacc.matmul(np.ones((2, 3)), np.ones((3, 2)), lowacc.PAPER_M7E4,
+                           key=np.ones(3, np.float32)), ['key=an array of float32', 'PRNG']),
+    (lambda: lowacc.quantize(np.ones(3), FloatFormat(4, 7, rounding='stochastic'), key=7),
+     ['key=7', 'PRNG key']),
 ])
 def test_bad_calls_raise_clear_errors(call, words):
   with pytest.raises(ValueError) as err:

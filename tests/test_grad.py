@@ -104,3 +104,42 @@ def test_grad_composes_with_vmap_and_input_quantization(rng):
                     'vmap of grad')
   assert per_example.shape == batched.shape == x.shape
   assert np.all(np.isfinite(np.asarray(batched)))
+
+
+def test_second_order_is_the_exact_dots_for_identity(rng):
+  # Small integers: the FP32 chain and the float32 dot agree, so the whole hessian (mixed terms,
+  # which depend on y, included) must too; under M7E4 d2/dx2 sum(y^2) = 2 w w^T whatever y is.
+  x = rng.integers(-3, 4, (2, 5)).astype(np.float32)
+  w = rng.integers(-3, 4, (5, 3)).astype(np.float32)
+  loss = lambda dot: lambda a, b: jnp.sum(dot(a, b) ** 2)
+  ref = jax.hessian(loss(jnp.matmul), argnums=(0, 1))(x, w)
+  fp32 = AccumulatorConfig(acc=lowacc.FP32, chunk_size=2)
+  ours = jax.hessian(loss(lambda a, b: lowacc.matmul(a, b, fp32)), argnums=(0, 1))(x, w)
+  for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    assert_bits_equal(o, r, 'FP32 hessian')
+  paper = lambda a: loss(lambda a, b: lowacc.matmul(a, b, lowacc.PAPER_M7E4))(a, w)
+  assert_bits_equal(jax.hessian(paper)(x), ref[0][0], 'M7E4 d2/dx2')
+  v = rng.integers(-2, 3, x.shape).astype(np.float32)
+  jvp_of_grad = jax.jvp(jax.grad(paper), (x,), (v,))[1]
+  assert_bits_equal(jvp_of_grad, np.einsum('mkpq,pq->mk', ref[0][0], v), 'jvp of grad')
+
+
+def test_second_order_through_a_fine_grained_estimator_is_refused(rng):
+  x = rng.standard_normal((2, 5)).astype(np.float32)
+  w = rng.standard_normal((5, 3)).astype(np.float32)
+  cfg = lowacc.PAPER_M7E4.replace(ste='recursive_of')
+  with pytest.raises(ValueError, match="ste='recursive_of'.*forward mode.*ste='identity'"):
+    jax.hessian(lambda a: jnp.sum(lowacc.matmul(a, w, cfg) ** 2))(x)
+
+
+def test_recursive_estimators_under_x64():
+  acc = FloatFormat(3, 3, bias=3, rounding='toward_zero', underflow='flush')
+  x, w = operands(acc, (1, 2, 13), (1, 13, 2), seed=4)
+  grads = {}
+  for x64 in (False, True):
+    with jax.enable_x64(x64):
+      for order in ('fma', 'chunk'):
+        cfg = AccumulatorConfig(acc=acc, chunk_size=6, order=order, ste='recursive_both')
+        grads[x64, order] = jax.grad(lambda a: jnp.sum(lowacc.dot_general(a, w, BATCHED, cfg)))(x)
+  for order in ('fma', 'chunk'):
+    assert_bits_equal(grads[True, order], grads[False, order], f'x64 {order}')

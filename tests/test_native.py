@@ -6,7 +6,11 @@ two. The partials are placed across each format's range, so that the roundings, 
 every overflow mode are reached.
 """
 
+import importlib.util
 import itertools
+import shutil
+import subprocess
+import types
 
 import jax
 import numpy as np
@@ -38,6 +42,32 @@ def xla_path(cfg, x, w):
 def test_kernel_is_available_here():
   # CI's machine builds the kernel (g++) and has AVX-512: a failed build must not pass unseen.
   assert native.available()
+
+
+def _available_with(monkeypatch, path):
+  """native.available() (uncached) as if the built library were the file at `path`."""
+  monkeypatch.setattr(native.importlib.util, 'find_spec',
+                      lambda name: types.SimpleNamespace(origin=str(path)))
+  return native.available.__wrapped__()
+
+
+def test_a_library_that_does_not_load_falls_back_with_one_warning(monkeypatch, tmp_path):
+  built = importlib.util.find_spec('lowacc.kernels._chunk_dot').origin
+  data = open(built, 'rb').read()
+  libraries = {'half': data[:len(data) // 2], 'one byte short': data[:-1], 'text': b'garbage'}
+  if shutil.which('g++'):  # a real library without the kernel's symbols
+    src = tmp_path / 'other.cc'
+    src.write_text('extern "C" int other() { return 0; }\n')
+    subprocess.run(['g++', '-shared', '-fPIC', str(src), '-o', str(tmp_path / 'other.so')],
+                   check=True)
+    libraries['no symbol'] = (tmp_path / 'other.so').read_bytes()
+  for name, content in libraries.items():
+    path = tmp_path / f'{name}.so'
+    path.write_bytes(content)
+    with pytest.warns(UserWarning, match='does not load.*XLA path') as record:
+      assert not _available_with(monkeypatch, path), name
+    assert len(record) == 1, name
+  assert native.available()  # the real one stays registered
 
 
 FORMATS = {

@@ -132,3 +132,19 @@ def test_scaled_operand_of_zeros_is_zero():
   x = jnp.zeros((3, 4))
   got = quantize_operand(x, lowacc.PAPER_FP8_INPUT)
   assert np.array_equal(np.asarray(got), np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize('scaling, axes', [('per_tensor_pow2', None), ('per_channel_pow2', (0,))])
+def test_pow2_scale_comes_from_the_finite_values(scaling, axes, rng):
+  x = (rng.standard_normal((8, 3)) * 1e-3).astype(np.float32)
+  x[:3] = 1e-5  # below every channel's maximum: these rows take the non-finite values
+  for fmt in (lowacc.PAPER_FP8_INPUT.format, lowacc.FP8_E4M3):  # saturate, inf
+    expected = _oracle_operand(x, fmt, axes)
+    k = fmt.max_exp - np.floor(np.log2(np.max(np.abs(x), axis=axes)))
+    big = fmt.max_normal * 2.0 ** -np.broadcast_to(k, (3,)) if fmt.overflow == 'saturate' else (
+        np.full(3, np.inf))
+    special = x.copy()
+    special[0, 0], special[1, 0], special[2, 1] = np.inf, np.nan, -np.inf
+    expected[0, 0], expected[1, 0], expected[2, 1] = big[0], np.nan, -big[1]
+    got = quantize_operand(jnp.asarray(special), InputQuant(fmt, scaling), reduce_axes=axes)
+    assert_bits_equal(got, expected, f'{scaling} {fmt}')

@@ -72,18 +72,21 @@ LOWACC_AVX512 inline void Round(__m512* v, const __m512* lo, const Format& f) {
   const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
   const __m512i one = _mm512_set1_epi32(1), mask = _mm512_set1_epi32(static_cast<int>(f.mask));
   __m512i u[n], a[n], mag[n];
-  __mmask16 nan[n], negative[n], sticky[n] = {}, up[n] = {};
+  __mmask16 nan[n], infinite[n], negative[n], sticky[n] = {}, up[n] = {};
 #pragma GCC unroll 16
   for (int i = 0; i < n; ++i) {
     u[i] = _mm512_castps_si512(v[i]);
     a[i] = _mm512_and_si512(u[i], abs);
     nan[i] = _mm512_cmpgt_epu32_mask(a[i], inf);
+    infinite[i] = _mm512_cmpeq_epi32_mask(a[i], inf);  // exact, unless lo is NaN (below)
     negative[i] = _mm512_movepi32_mask(u[i]);
   }
   if (with_lo) {
 #pragma GCC unroll 16
     for (int i = 0; i < n; ++i) {
       const __m512i lu = _mm512_castps_si512(lo[i]);
+      // lo NaN: a finite sum beyond float32, which overflows as a finite value.
+      infinite[i] &= _mm512_cmple_epu32_mask(_mm512_and_si512(lu, abs), inf);
       sticky[i] = _mm512_test_epi32_mask(lu, abs) & _mm512_cmplt_epu32_mask(a[i], inf);
       // lo opposite to hi: the exact value is just below |hi|.
       const __mmask16 below = sticky[i] & _mm512_movepi32_mask(_mm512_xor_si512(lu, u[i]));
@@ -120,13 +123,16 @@ LOWACC_AVX512 inline void Round(__m512* v, const __m512* lo, const Format& f) {
     const __m512i limit = _mm512_set1_epi32(static_cast<int>(f.limit));
 #pragma GCC unroll 16
     for (int i = 0; i < n; ++i) {
-      if (f.overflow == kSaturate || f.rounding == kTowardZero) {
+      if (f.overflow == kSaturate) {
         mag[i] = _mm512_min_epu32(mag[i], limit);
         continue;
       }
-      const __mmask16 over = _mm512_cmpgt_epu32_mask(mag[i], limit);
+      // An infinity is exact: only finite results overflow.
+      const __mmask16 over = _mm512_cmpgt_epu32_mask(mag[i], limit) & ~infinite[i];
       __m512i big = inf;
-      if (f.rounding == kUp || f.rounding == kDown) {
+      if (f.rounding == kTowardZero) {
+        big = limit;
+      } else if (f.rounding == kUp || f.rounding == kDown) {
         const __mmask16 to_max =
             f.rounding == kUp ? negative[i] : static_cast<__mmask16>(~negative[i]);
         big = _mm512_mask_mov_epi32(inf, to_max, limit);
@@ -175,20 +181,31 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
     }
     const __m512 part[kVectors] = {c00, c01, c10, c11, c20, c21, c30, c31,
                                    c40, c41, c50, c51, c60, c61, c70, c71};
+    const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
 #pragma GCC unroll 4
     for (int g = 0; g < kVectors; g += kGroup) {
       __m512 s[kGroup], lo[kGroup];
 #pragma GCC unroll 4
       for (int i = 0; i < kGroup; ++i) s[i] = part[g + i];
-      Round<false, kGroup>(s, s, p.acc);  // s = Q_acc(P)
+      Round<false, kGroup>(s, s, p.acc);  // s = Q_acc(P); P, summed from +0, is never -0
       float* t = &total[0][0] + 16 * g;
 #pragma GCC unroll 4
       for (int i = 0; i < kGroup; ++i) {
         const __m512 ti = _mm512_load_ps(t + 16 * i);
         if (p.has_combine) {  // TwoSum: hi + lo = t + s exactly, then T = Q_comb(hi + lo)
-          const __m512 hi = _mm512_add_ps(ti, s[i]);
+          __m512 hi = _mm512_add_ps(ti, s[i]);
+          if (p.combine.rounding == kDown) {  // an exact zero sum is -0 if t or s is negative
+            const __mmask16 zero = _mm512_cmpeq_ps_mask(hi, _mm512_setzero_ps());
+            hi = _mm512_mask_mov_ps(hi, zero, _mm512_and_ps(_mm512_or_ps(ti, s[i]), sign));
+          }
           const __m512 bb = _mm512_sub_ps(hi, ti);
           lo[i] = _mm512_add_ps(_mm512_sub_ps(ti, _mm512_sub_ps(hi, bb)), _mm512_sub_ps(s[i], bb));
+          // An infinite operand: the sum is exactly infinite, lo = 0 (not inf - inf).
+          const __mmask16 infinite = _mm512_cmpeq_epi32_mask(
+              _mm512_and_si512(_mm512_castps_si512(ti), abs), inf) |
+              _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(s[i]), abs), inf);
+          lo[i] = _mm512_mask_mov_ps(lo[i], infinite, _mm512_setzero_ps());
           s[i] = hi;
         } else {
           s[i] = _mm512_add_ps(ti, s[i]);

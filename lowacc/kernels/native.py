@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import struct
+import warnings
 from typing import Optional
 
 import jax
@@ -29,15 +31,53 @@ _ROUNDINGS = {'nearest_even': 0, 'toward_zero': 1, 'up': 2, 'down': 3}
 _OVERFLOWS = {'none': 0, 'inf': 1, 'saturate': 2}
 
 
+def _elf_problem(path: str) -> Optional[str]:
+  """Why the file at `path` is not a whole 64-bit little-endian ELF library, or None.
+
+  dlopen maps the file's segments without checking its length, and touching a page past the end
+  of a truncated file kills the process (SIGBUS): so the headers, every loaded segment and the
+  section table must lie inside the file.
+  """
+  with open(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 64 or data[:4] != b'\x7fELF' or data[4:6] != b'\x02\x01':
+    return 'not a 64-bit little-endian ELF file'
+  phoff, shoff = struct.unpack_from('<QQ', data, 32)
+  phentsize, phnum, shentsize, shnum = struct.unpack_from('<HHHH', data, 54)
+  if phoff + phnum * phentsize > len(data) or shoff + shnum * shentsize > len(data):
+    return f'truncated: {len(data)} bytes, its headers end past them'
+  for i in range(phnum):
+    kind, _, offset, _, _, filesz = struct.unpack_from('<IIQQQQ', data, phoff + i * phentsize)
+    if kind == 1 and offset + filesz > len(data):  # PT_LOAD
+      return f'truncated: {len(data)} bytes, a loaded segment ends at {offset + filesz}'
+  return None
+
+
+def _load(path: str):
+  """The kernel library at `path`; OSError saying why where it does not load."""
+  problem = _elf_problem(path)
+  if problem is not None:
+    raise OSError(problem)
+  library = ctypes.cdll.LoadLibrary(path)
+  try:
+    library.LowaccChunkDot, library.LowaccChunkDotSupported  # a stale or foreign build lacks them
+  except AttributeError as e:
+    raise OSError(e) from None
+  return library
+
+
 @functools.cache
 def available() -> bool:
-  """Whether the kernel was built and this CPU runs it; if so, registers it with XLA."""
+  """Whether the kernel was built and this CPU runs it; if so, registers it with XLA. A library
+  that is there but does not load (truncated, stale, without the kernel) warns once."""
   spec = importlib.util.find_spec('lowacc.kernels._chunk_dot')
   if spec is None or spec.origin is None:
     return False
   try:
-    library = ctypes.cdll.LoadLibrary(spec.origin)
-  except OSError:  # a stale or broken build: the XLA path serves
+    library = _load(spec.origin)
+  except OSError as e:
+    warnings.warn(f"lowacc: the native kernel {spec.origin} does not load ({e}); order='chunk' "
+                  'runs on the XLA path')
     return False
   if not library.LowaccChunkDotSupported():
     return False

@@ -6,8 +6,8 @@ runs chunks of C consecutive k; inside a chunk s <- 0 and, for each k,
     p = Q_prod(fl32(x_k * w_k));  (hi, lo) = two_sum(s, p);  s = round_exact(hi, lo, acc)
 
 and the chunk results are combined in ascending order: T <- round_exact(two_sum(T, s), combine)
-(or T + s in float32 when combine is None). K is padded to whole chunks with products
-(-0) * (+0) = -0, as `lowacc.dot._Chain.layout` does.
+(or T + s in float32 when combine is None), every zero sum signed as IEEE 754 says. K is padded
+to whole chunks with neutral zero products (`lowacc.dot.pad_product`), as `_Chain.layout` does.
 
 The kernel: a grid over (B, M / block_m, N / block_n). Each program keeps its (block_m, block_n)
 accumulator tile and the combine total in registers and walks the contraction with two nested
@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lowacc.dot import two_sum
+from lowacc.dot import float32_sum, pad_product, two_sum
 from lowacc.formats import AccumulatorConfig, DotConfig
 from lowacc.quantize import round_exact
 
@@ -149,15 +149,15 @@ def _kernel(x_ref, w_ref, y_ref, *, cfg: AccumulatorConfig, chunk: int, chunks: 
     p = _flush_subnormal(xk[:, None] * wk[None, :])
     if prod is not None:
       p = round_exact(p, None, prod)[0]
-    hi, lo = two_sum(s, p)
+    hi, lo = two_sum(s, p, acc.rounding == 'down')
     return round_exact(hi, lo, acc)[0]
 
   def per_chunk(j, total):
     start = j * chunk
     s = lax.fori_loop(0, chunk, lambda i, s: step(start + i, s), zero)
     if comb is None:
-      return _flush_subnormal(total + _flush_subnormal(s))
-    hi, lo = two_sum(total, s)
+      return _flush_subnormal(float32_sum(total, _flush_subnormal(s)))
+    hi, lo = two_sum(total, s, comb.rounding == 'down')
     return round_exact(hi, lo, comb)[0]
 
   y_ref[...] = lax.fori_loop(0, chunks, per_chunk, zero)
@@ -172,8 +172,8 @@ def _fma_dot(cfg: AccumulatorConfig, bm: int, bn: int, interpret: bool, num_warp
   kp = chunks * chunk
   mp, np_ = -(-m // bm) * bm, -(-n // bn) * bn
   x, w = _flush_subnormal(x), _flush_subnormal(w)
-  # K: padded products (-0) * (+0) = -0, as _Chain.layout. M, N: padding, sliced off below.
-  x = jnp.pad(x, ((0, 0), (0, 0), (0, kp - k)), constant_values=-0.0)
+  # K: padded products pad_product(acc) * (+0), as _Chain.layout. M, N: sliced off below.
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, kp - k)), constant_values=pad_product(cfg.acc))
   x = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0))).transpose(0, 2, 1)  # (B, Kp, Mp)
   w = jnp.pad(w, ((0, 0), (0, kp - k), (0, np_ - n)))  # (B, Kp, Np)
   compiler_params = None
