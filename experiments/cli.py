@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -36,3 +37,23 @@ def run(main) -> None:
       sys.exit(2)
 
   app.run(guarded, flags_parser=parse_flags)
+
+
+def integers(flag: str, values) -> list[int]:
+  """A list flag's values as integers; anything else is a ValueError naming the flag."""
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{flag}={','.join(map(str, values))}: expected a list of integers, "
+                     'e.g. 4,5,6') from None
+
+
+def writable(flag: str, prefix: str) -> None:
+  """Refuses an output prefix whose directory cannot be created or written, naming the flag."""
+  directory = os.path.dirname(os.path.abspath(prefix))
+  try:
+    os.makedirs(directory, exist_ok=True)
+    tempfile.TemporaryFile(dir=directory).close()
+  except OSError as e:
+    raise ValueError(f'--{flag}={prefix}: cannot write there ({e.strerror}: {e.filename})') \
+        from None

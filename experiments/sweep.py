@@ -12,12 +12,15 @@ Axes (--axes), each point otherwise config.accumulator's settings:
   rounding  M7E4b10 with each deterministic rounding mode
 --model is a model export (<workdir>/models/<phase>); empty: config.pretrained's weights.
 Writes <out>.json and <out>.md; finished points are kept in <out>.points.jsonl, so a killed sweep
-resumes where it stopped. Fine-tuning runs the recipe (experiments.train) per point in
+resumes where it stopped. <out>.state/ holds the sweep's lock and its manifest: the model's path and
+content hash and every field that changes a point, so points of another model or config are
+refused, never reported. Fine-tuning runs the recipe (experiments.train) per point in
 <out>_finetune/<format>, which resumes as any run does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -29,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import reporting, train
+from experiments import cli, reporting, state, train
 from lowacc.nn import apply_policy, layer_stats, rates
 
 FLAGS = flags.FLAGS
@@ -67,6 +70,60 @@ def points(names, grid: dict[str, list[dict]]) -> list[dict]:
       raise ValueError(f'--axes contains {name!r}: valid axes are {tuple(grid)}')
   return [dict(axis='baseline', format='float32')] + [dict(p, axis=n) for n in names
                                                        for p in grid[n]]
+
+
+def check(config, wanted: list[dict], finetune_formats, procs: int, stats_examples: int) -> None:
+  """Refuses, before any work, a point or --finetune format that makes no valid accumulator and
+  a --procs or --stats_examples below 1."""
+  for point in wanted:
+    try:
+      train.policy_for(configure(config, point))
+    except ValueError as e:
+      raise ValueError(f"--axes={point['axis']} point {point['format']}: {e}") from None
+  for fmt in finetune_formats:
+    if fmt == 'float32':
+      raise ValueError("--finetune contains 'float32': fine-tuning needs an accumulator format "
+                       "such as 'M7E4b10'")
+    try:
+      train.policy_for(configure(config, dict(format=fmt)))
+    except ValueError as e:
+      raise ValueError(f'--finetune={fmt}: {e}') from None
+  for flag, value in (('procs', procs), ('stats_examples', stats_examples)):
+    if value < 1:
+      raise ValueError(f'--{flag}={value}: must be at least 1')
+
+
+def fingerprint(path: str, what: str) -> str:
+  """The SHA-256 of a file, or of a directory's relative file names and contents."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{what}={path} does not exist')
+  files = [path] if os.path.isfile(path) else sorted(
+      os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+  digest = hashlib.sha256()
+  for name in files:
+    digest.update(os.path.relpath(name, path).encode() + b'\0')
+    with open(name, 'rb') as f:
+      for block in iter(lambda: f.read(1 << 20), b''):
+        digest.update(block)
+  return digest.hexdigest()
+
+
+# Fields that change only fine-tuning (guarded by its own workdirs) or the report's title.
+_NOT_IN_POINTS = ('name', 'pretrain', 'stage1', 'stage2', 'zero_shot', 'log_every_steps',
+                  'checkpoint_every_steps', 'keep_checkpoints')
+
+
+def manifest(config, model_path: str, stats_examples: int) -> dict:
+  """Everything a point depends on: the evaluated weights (path and content hash), the config's
+  fields but the training phases', and the telemetry's examples."""
+  fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_POINTS + ('init_from',)}
+  weights = {}  # the model evaluated: --model, else config.init_from over config.pretrained
+  for name, path, flag in (('pretrained', config.pretrained, '--config.pretrained'),
+                           ('model', model_path or config.init_from,
+                            '--model' if model_path else '--config.init_from')):
+    if path:
+      weights[name] = dict(path=os.path.abspath(path), sha256=fingerprint(path, flag))
+  return dict(config=fields, weights=weights, stats_examples=stats_examples)
 
 
 def configure(config: ml_collections.ConfigDict, point: dict) -> ml_collections.ConfigDict:
@@ -127,8 +184,7 @@ def zero_shot(config, model_path: str, todo: list[dict], procs: int, stats_examp
       pool = multiprocessing.get_context('spawn').Pool(procs, _start_worker, args)
       scored = pool.imap_unordered(_score, todo)
     for row in scored:
-      done.write(json.dumps(row) + '\n')
-      done.flush()
+      state.append_jsonl(done, row)
       print(f"{row['axis']:<9} {row['format']:<9} chunk={row.get('chunk_size', '-')!s:<4} "
             f"{row.get('rounding', ''):<12} {100 * row['metric']:6.2f}", flush=True)
     if pool is not None:
@@ -184,30 +240,37 @@ def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
 
 def sweep(config, model_path: str, names, grid, finetune_formats, procs: int,
           stats_examples: int, out: str) -> dict:
-  """Runs the sweep (resuming) and writes <out>.json and <out>.md; returns the JSON's content."""
-  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-  done_path = out + '.points.jsonl'
-  done = {}
-  if os.path.exists(done_path):
-    with open(done_path) as f:
-      done = {_key(row): row for row in map(json.loads, f)}
+  """Runs the sweep (resuming) and writes <out>.json and <out>.md; returns the JSON's content.
+
+  Everything is checked before any work; <out> is locked for the run, and points that another
+  model or config made are refused with a StateError naming the differing fields."""
   wanted = points(names, grid)
-  todo = [p for p in wanted if _key(p) not in done]
-  start = time.time()
-  if todo:
-    zero_shot(config, model_path, todo, procs, stats_examples, done_path)
-    with open(done_path) as f:
-      done = {_key(row): row for row in map(json.loads, f)}
-  rows = [done[_key(p)] for p in wanted]
-  tuned = [finetune(config, model_path, fmt, os.path.join(out + '_finetune', fmt))
-           for fmt in finetune_formats]
-  result = dict(config=config.to_dict(), model=model_path, points=rows, finetune=tuned,
-                machine=f'{os.cpu_count()} CPU cores, {jax.devices()[0].platform}',
-                seconds=round(time.time() - start))
-  with open(out + '.json', 'w') as f:
-    json.dump(result, f, indent=1)
-  with open(out + '.md', 'w') as f:
-    f.write(markdown(config, rows, tuned))
+  check(config, wanted, finetune_formats, procs, stats_examples)
+  fields = manifest(config, model_path, stats_examples)
+  cli.writable('out', out)
+  done_path = out + '.points.jsonl'
+  with state.lock(out + '.state', '--out'):
+    fresh = f'delete {done_path}, {out}_finetune and {out}.state, or give another --out'
+    made = [p for p in (done_path, out + '_finetune') if os.path.exists(p)]
+    if made and not os.path.exists(os.path.join(out + '.state', 'manifest.json')):
+      raise state.StateError(f'{made[0]} has no manifest saying which model and config made it: '
+                             f'{fresh}')
+    state.check_manifest(out + '.state', fields, fresh)
+    done = {_key(row): row for row in state.read_jsonl(done_path)}
+    todo = [p for p in wanted if _key(p) not in done]
+    start = time.time()
+    if todo:
+      zero_shot(config, model_path, todo, procs, stats_examples, done_path)
+      done = {_key(row): row for row in state.read_jsonl(done_path)}
+    rows = [done[_key(p)] for p in wanted]
+    tuned = [finetune(config, model_path, fmt, os.path.join(out + '_finetune', fmt))
+             for fmt in finetune_formats]
+    result = dict(config=config.to_dict(), model=model_path, points=rows, finetune=tuned,
+                  machine=f'{os.cpu_count()} CPU cores, {jax.devices()[0].platform}',
+                  seconds=round(time.time() - start))
+    state.write_json(out + '.json', result, indent=1)
+    with open(out + '.md', 'w') as f:
+      f.write(markdown(config, rows, tuned))
   return result
 
 
@@ -215,11 +278,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
-  grid = axes(map(int, FLAGS.mantissas), map(int, FLAGS.exponents))
+  grid = axes(cli.integers('mantissas', FLAGS.mantissas),
+              cli.integers('exponents', FLAGS.exponents))
   sweep(FLAGS.config, FLAGS.model, FLAGS.axes, grid, FLAGS.finetune, FLAGS.procs,
         FLAGS.stats_examples, FLAGS.out)
   print(f'wrote {FLAGS.out}.json and {FLAGS.out}.md')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

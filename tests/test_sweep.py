@@ -3,6 +3,9 @@ the sweep scores every point once (serial == parallel), resumes, fine-tunes and 
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import demo
-from experiments import reporting, sweep, train
+from experiments import reporting, state, sweep, train
 from lowacc.nn import apply_policy, layer_stats
 from tests.conftest import SMALL_GRID
 
@@ -114,3 +117,104 @@ def test_sweep_names_an_unknown_axis():
 
 def test_bits_counts_sign_exponent_and_mantissa():
   assert [reporting.bits(f) for f in ('float32', 'M7E4b10', 'M10E5', 'M3E4')] == [32, 12, 16, 8]
+
+
+def _no_work(monkeypatch):
+  """Makes evaluating or fine-tuning a point fail the test."""
+  def work(*args, **kwargs):
+    raise AssertionError('work started')
+  monkeypatch.setattr(sweep, 'Evaluator', work)
+  monkeypatch.setattr(sweep, 'finetune', work)
+
+
+def test_sweep_checks_everything_before_any_work(tmp_path, monkeypatch):
+  _no_work(monkeypatch)
+  config, out = demo.get_config('runlocal'), str(tmp_path / 'out' / 's')
+  model = tmp_path / 'model'
+  model.write_bytes(b'weights')
+  for kwargs, error, message in [
+      (dict(finetune_formats=['M3E']), ValueError, r"--finetune=M3E: .*'M<man>E<exp>'"),
+      (dict(finetune_formats=['float32']), ValueError, "--finetune contains 'float32'"),
+      (dict(names=['widths']), ValueError, "--axes contains 'widths'"),
+      (dict(grid=sweep.axes([30], [3])), ValueError, r'--axes=width point M30E3: .*man_bits'),
+      (dict(procs=0), ValueError, '--procs=0'),
+      (dict(stats_examples=0), ValueError, '--stats_examples=0'),
+      (dict(model_path=str(tmp_path / 'none')), FileNotFoundError, '--model=.*none'),
+      (dict(out=str(model / 's')), ValueError, '--out=.*cannot write')]:
+    args = dict(config=config, model_path=str(model), names=['width'], grid=SMALL_GRID,
+                finetune_formats=['M5E4'], procs=1, stats_examples=4, out=out)
+    with pytest.raises(error, match=message):
+      sweep.sweep(**dict(args, **kwargs))
+  assert not os.path.exists(tmp_path / 'out')
+
+
+def _export(seed: int, path: str) -> None:
+  config = demo.get_config('runlocal')
+  config.seed = seed
+  train.export_model(train.build(config)[1], path)
+
+
+def test_a_sweep_refuses_points_of_another_model_or_config(tmp_path):
+  config = demo.get_config('runlocal')
+  model, copy, out = str(tmp_path / 'model'), str(tmp_path / 'copy'), str(tmp_path / 's')
+  _export(1, model)
+  shutil.copytree(model, copy)
+  first = sweep.sweep(config, model, [], SMALL_GRID, [], 1, 4, out)
+  assert sweep.sweep(config, model, [], SMALL_GRID, [], 1, 4, out)['points'] == first['points']
+  changed = demo.get_config('runlocal')
+  changed.data.max_eval_examples = 4
+  with pytest.raises(state.StateError, match=r'config\.data\.max_eval_examples \(8 -> 4\)'):
+    sweep.sweep(changed, model, [], SMALL_GRID, [], 1, 4, out)
+  with pytest.raises(state.StateError, match=r'stats_examples \(4 -> 2\)'):
+    sweep.sweep(config, model, [], SMALL_GRID, [], 1, 2, out)
+  with pytest.raises(state.StateError, match=r'weights\.model\.path'):
+    sweep.sweep(config, copy, [], SMALL_GRID, [], 1, 4, out)  # the same weights elsewhere
+  _export(2, model)  # another model at the same path (stage2's export over pretrain's)
+  with pytest.raises(state.StateError, match=r'weights\.model\.sha256.*give another --out'):
+    sweep.sweep(config, model, [], SMALL_GRID, [], 1, 4, out)
+
+
+def test_points_without_a_manifest_or_in_use_are_refused(tmp_path, monkeypatch):
+  _no_work(monkeypatch)
+  config, out = demo.get_config('runlocal'), str(tmp_path / 's')
+  model = tmp_path / 'model'
+  model.write_bytes(b'weights')
+  with state.lock(out + '.state'):
+    with pytest.raises(state.StateError, match=r's\.state is in use by another run'):
+      sweep.sweep(config, str(model), [], SMALL_GRID, [], 1, 4, out)
+  os.makedirs(tmp_path / 's_finetune' / 'M5E4')  # fine-tuned from a model nothing names
+  with pytest.raises(state.StateError, match=r's_finetune has no manifest.*give another --out'):
+    sweep.sweep(config, str(model), [], SMALL_GRID, [], 1, 4, out)
+  (tmp_path / 's.points.jsonl').write_text('{"axis": "baseline", "format": "float32"}\n')
+  with pytest.raises(state.StateError, match=r's\.points\.jsonl has no manifest'):
+    sweep.sweep(config, str(model), [], SMALL_GRID, [], 1, 4, out)
+
+
+def test_a_sweep_killed_during_an_append_resumes_and_scores_only_that_point(small_results,
+                                                                          tmp_path, monkeypatch):
+  root, path = small_results
+  out = str(tmp_path / 's')
+  shutil.copytree(root / 'sweep_demo.state', out + '.state')
+  baseline, *rest = open(root / 'sweep_demo.points.jsonl').read().splitlines()
+  assert json.loads(baseline)['axis'] == 'baseline'
+  with open(out + '.points.jsonl', 'w') as f:
+    f.write('\n'.join(rest) + '\n' + baseline[:len(baseline) // 2])  # the kill's partial line
+  scored = []
+  call = sweep.Evaluator.__call__
+  monkeypatch.setattr(sweep.Evaluator, '__call__',
+                      lambda self, point: scored.append(point) or call(self, point))
+  result = sweep.sweep(demo.get_config('runlocal'), path, list(SMALL_GRID), SMALL_GRID, [], 1, 4,
+                       out)
+  assert scored == [dict(axis='baseline', format='float32')]
+  assert result['points'] == json.load(open(root / 'sweep_demo.json'))['points']
+  assert json.load(open(out + '.json'))['points'] == result['points']
+
+
+def test_the_sweep_command_names_a_bad_flag_in_one_line(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, '-m', 'experiments.sweep', '--config=configs/demo.py',
+                        f'--out={tmp_path / "s"}', '--mantissas=4,x'], cwd=repo,
+                       capture_output=True, text=True)
+  assert run.returncode == 2
+  assert run.stderr.strip() == ('sweep.py: error: --mantissas=4,x: expected a list of integers, '
+                                'e.g. 4,5,6')
