@@ -12,9 +12,13 @@ from __future__ import annotations
 import dataclasses
 import string
 
-import jax.numpy as jnp
-from flax import nnx
-from jax import lax
+from lowacc._extras import require
+
+require('lowacc.nn', 'nn', ('flax',))
+
+import jax.numpy as jnp  # noqa: E402  (after the check that names the extra)
+from flax import nnx  # noqa: E402
+from jax import lax  # noqa: E402
 
 from lowacc.conv import ConvGeneralDilated
 from lowacc.dot import DotGeneral, collect_stats

@@ -36,3 +36,11 @@ def test_a_part_without_its_extra_names_the_extra(module, missing, extra, monkey
     importlib.import_module(module)
   message = f"{package} needs {missing} (not installed): pip install 'lowacc[{extra}]'"
   assert str(error.value) == message
+
+
+def test_lowacc_nn_without_flax_names_the_extra(monkeypatch):
+  monkeypatch.delitem(sys.modules, 'lowacc.nn', raising=False)
+  monkeypatch.setitem(sys.modules, 'flax', None)
+  with pytest.raises(ImportError) as error:
+    importlib.import_module('lowacc.nn')
+  assert str(error.value) == "lowacc.nn needs flax (not installed): pip install 'lowacc[nn]'"
