@@ -49,8 +49,10 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def mnist(split: str) -> ArraySource:
   """5,000 real MNIST digits, offline: 'train' is the first 400 of each digit in file order
-  (4,000), 'test' the last 100 of each (1,000). Both take the ten digits in turn (the file is
-  sorted by digit), so that any prefix, such as data.max_train_examples takes, is balanced."""
+  (4,000), 'test' the last 100 of each (1,000). Both come in rounds of ten that hold one of each
+  digit in a fixed random order (the file is sorted by digit): any prefix, such as
+  data.max_train_examples takes, is balanced, and so is every shard of a strided split over
+  processes (digits in a fixed turn would give two shards the even and the odd digits)."""
   _check_split(split, ('train', 'test'))
   images, labels = _mnist_arrays()
   rank = np.zeros_like(labels)
@@ -58,7 +60,8 @@ def mnist(split: str) -> ArraySource:
     members = labels == digit
     rank[members] = np.arange(members.sum())
   index = np.flatnonzero((rank < MNIST_TRAIN_PER_DIGIT) == (split == 'train'))
-  index = index[np.lexsort((labels[index], rank[index]))]
+  within_round = np.random.default_rng(0).permutation(len(index))  # a fixed order, file-independent
+  index = index[np.lexsort((within_round, rank[index]))]
   return ArraySource(image=images[index], label=labels[index])
 
 
