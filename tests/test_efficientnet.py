@@ -150,15 +150,9 @@ def test_random_lite2_logits_equal_the_reference():
   torch = pytest.importorskip('torch')
   package = _reference_package()
   torch.manual_seed(0)
-  reference = package.EfficientNet.from_name('efficientnet-lite2', num_classes=10)
-  with torch.no_grad():
-    for m in reference.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0, 0.2)
-        m.running_mean.normal_(0, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-  reference.eval()
+  from tests.reference.torch_batch_norm import randomize_batch_norm
+  reference = randomize_batch_norm(
+      package.EfficientNet.from_name('efficientnet-lite2', num_classes=10)).eval()
   model = _abstract('lite2', num_classes=10)
   load_torch(model, {k: v.numpy() for k, v in reference.state_dict().items()})
   model.eval()

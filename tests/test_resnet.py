@@ -234,15 +234,8 @@ def _random_torch_model(name, seed, stem='imagenet', width=8):
   running stats, in eval mode."""
   torch = pytest.importorskip('torch')
   torch.manual_seed(seed)
-  model = _torch_resnet(*ARCHS[name], 10, stem, width)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0, 0.2)
-        m.running_mean.normal_(0, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-  return model.eval()
+  from tests.reference.torch_batch_norm import randomize_batch_norm
+  return randomize_batch_norm(_torch_resnet(*ARCHS[name], 10, stem, width)).eval()
 
 
 @pytest.mark.parametrize('name', sorted(ARCHS))
