@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -54,13 +53,8 @@ NOT_IN_MANIFEST = ('name', 'metric_name', 'log_every_steps', 'checkpoint_every_s
 
 def parse_format(name: str, acc: ml_collections.ConfigDict) -> FloatFormat:
   """'M7E4' or 'M7E4b10' (the paper's notation) with the modes of config.accumulator."""
-  match = re.fullmatch(r'M(\d+)E(\d+)(?:b(-?\d+))?', name)
-  if not match:
-    raise ValueError(f"accumulator format {name!r} is invalid: expected 'M<man>E<exp>' or "
-                     "'M<man>E<exp>b<bias>', e.g. 'M7E4b10'")
-  man, exp, bias = int(match[1]), int(match[2]), match[3]
-  return FloatFormat(exp, man, None if bias is None else int(bias), rounding=acc.rounding,
-                     underflow=acc.underflow, overflow=acc.overflow)
+  return FloatFormat.parse(name, rounding=acc.rounding, underflow=acc.underflow,
+                           overflow=acc.overflow)
 
 
 def accumulator_config(acc: ml_collections.ConfigDict, fmt: str | None = None):
