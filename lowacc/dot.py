@@ -36,9 +36,11 @@ _PRODUCT_STREAM, _ACC_STREAM, _COMBINE_STREAM, _DLHS_STREAM, _DRHS_STREAM = rang
 
 
 def _step(s, u, acc, rand):
-  """One step of a chain: `acc.step`, or a float32 sum for acc=None (combine=None)."""
+  """One step of a chain: `acc.step`, or a float32 sum for acc=None (combine=None), where a zero
+  s gives u itself (XLA on the CPU would flush a float32 subnormal u, which IEEE keeps)."""
   if acc is None:
-    out = float32_sum(s, u)
+    bits = lambda v: lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+    out = jnp.where((bits(s) == 0) & (bits(u) != 0), u, float32_sum(s, u))
     return out, Flags.none(out.shape)
   return acc.step(s, u, rand)
 
