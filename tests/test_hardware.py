@@ -15,6 +15,7 @@ import pytest
 import lowacc
 from lowacc import hardware
 from tests import oracle
+from tests.conftest import assert_bits_equal
 
 torch = pytest.importorskip('torch')
 mmasim = pytest.importorskip('mmasim')
@@ -159,3 +160,79 @@ def test_preset_equals_mmasim(entry):
     bad = np.flatnonzero(y.view(np.uint32) != expected.view(np.uint32))
     assert bad.size == 0, (f'K={x.shape[1]}: {bad.size} of {y.size} differ, first rows {bad[:4]}: '
                            f'got {y[bad[:4]]}, mmasim {expected[bad[:4]]}')
+
+
+ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'), ('wgmma', 'Hopper', 'm64n8k32.f32.e4m3.e5m2'),
+                ('mma', 'Ampere', 'm16n8k8.f32.bf16.bf16.f32'), ('mma', 'Volta', 'm8n8k4.f16.f16.f16.f16'),
+                ('mma', 'RTX Blackwell', 'm16n8k32.kind::f8f6f4.f16.e2m1.e3m2.f16'),
+                ('mma', 'Ampere', 'm16n8k4.f32.tf32.tf32.f32')]
+
+
+@pytest.mark.parametrize('entry', ORACLE_CASES, ids=lambda e: f'{e[1]}:{e[0]}:{e[2]}')
+def test_oracle_agrees_with_mmasim_and_lowacc(entry):
+  """The exact-rational fused sum, on finite normal, wide-range and cancelling rows."""
+  op = _operation(*entry)
+  cfg = hardware.mma(entry[1], entry[0], entry[2])
+  x, w = _case(op.a_type_ptx, op.b_type_ptx, op.k * 2)
+  rows = np.r_[0:4, ROWS:ROWS + 6, 2 * ROWS:2 * ROWS + 4]
+  x, w = x[rows], w[rows]
+  expected = _reference(op, x, w, op.a_type_ptx, op.b_type_ptx)
+  tf32 = lambda v: (v.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+  read = lambda v, name: tf32(v) if name == 'tf32' else v  # the oracle takes typed operands
+  exact = np.array([oracle.fused_chain([float(v) for v in xi], [float(v) for v in wi], cfg.acc)
+                    for xi, wi in zip(read(x, op.a_type_ptx), read(w, op.b_type_ptx))],
+                   np.float32)
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(exact, expected, 'oracle against mmasim')  # the oracle's NaN is any NaN
+  np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+
+
+def test_promotion_every_n_products_adds_into_float32():
+  """Hopper FP8 with promotion every 128 products: mmasim's chain from zero per 128 products,
+  each partial added into a float32 sum (numpy, nearest even)."""
+  arch, instruction, shape = 'Hopper', 'wgmma', 'm64n8k32.f32.e4m3.e4m3'
+  op = _operation(instruction, arch, shape)
+  rng = np.random.default_rng(3)
+  x = _in_type(rng.standard_normal((16, 384)), 'e4m3')
+  w = _in_type(rng.standard_normal((16, 384)), 'e4m3')
+  expected = np.zeros(16, np.float32)
+  for i in range(0, 384, 128):
+    expected = expected + _reference(op, x[:, i:i + 128], w[:, i:i + 128], 'e4m3', 'e4m3')
+  cfg = hardware.mma(arch, instruction, shape, promote_every=128)
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+  unpromoted = _reference(op, x, w, 'e4m3', 'e4m3')
+  assert not np.array_equal(unpromoted, expected)  # promotion changes results here
+
+
+def test_counters_and_gradients_go_through_the_kind():
+  """fp16 output overflow counts as sat where mmasim gives inf from finite operands; the
+  identity gradient is the exact dot's, immediate_of zeroes the products of saturated steps."""
+  import jax
+  arch, instruction, shape = 'Hopper', 'mma', 'm16n8k16.f16.f16.f16.f16'
+  op = _operation(instruction, arch, shape)
+  rng = np.random.default_rng(4)
+  x = _in_type(rng.standard_normal((32, 16)) * 200, 'f16')
+  w = _in_type(rng.standard_normal((32, 16)) * 200, 'f16')
+  overflowed = np.isinf(_reference(op, x, w, 'f16', 'f16'))
+  assert 0 < overflowed.sum() < 32
+  cfg = hardware.mma(arch, instruction, shape)
+  xs, ws = x[:, None, :], w[:, :, None]
+  stats = lowacc.accumulation_stats(xs, ws, BATCHED, cfg)
+  assert stats['steps'] == 32 and int(stats['sat']) == overflowed.sum()
+  loss = lambda cfg: lambda x: lowacc.dot_general(x, ws, BATCHED, cfg).sum()
+  np.testing.assert_array_equal(jax.grad(loss(cfg))(xs)[:, 0], w)
+  g = np.asarray(jax.grad(loss(cfg.replace(ste='immediate_of')))(xs))[:, 0]
+  np.testing.assert_array_equal(g, np.where(overflowed[:, None], 0.0, w))
+
+
+@pytest.mark.parametrize('args, field', [
+    (('Hopper', 'wmma', 'm16n8k16.f32.f16.f16.f32'), 'instruction'),
+    (('Hoppr', 'mma', 'm16n8k16.f32.f16.f16.f32'), 'arch'),
+    (('Ampere', 'wgmma', 'm64n8k16.f32.f16.f16'), 'arch'),
+    (('Hopper', 'mma', 'm16n8k16.f32.f16.f16'), 'shape_and_type'),
+    (('Hopper', 'mma', 'm16n8k16.f32.f17.f16.f32'), 'a type'),
+    (('Hopper', 'mma', 'm16n8k16.f64.f64.f64.f64'), 'float64')])
+def test_bad_names_are_one_clear_error(args, field):
+  with pytest.raises(ValueError, match=field):
+    hardware.mma(*args)
