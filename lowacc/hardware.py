@@ -314,3 +314,18 @@ def mma(arch: str, instruction: str, shape_and_type: str,
                         c_type=None if c == d else c)
   return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
                            combine=None if promote_every is None else FP32)
+
+
+def parse(name: str) -> AccumulatorConfig:
+  """The preset named 'arch/instruction/shape_and_type[/promote<N>]', e.g.
+  'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128': `mma` of those fields (how experiments name
+  a hardware accumulator)."""
+  fields = name.split('/') if isinstance(name, str) else []
+  promote = None
+  if len(fields) == 4 and fields[3].startswith('promote') and fields[3][7:].isdigit():
+    promote = int(fields.pop()[7:])
+  if len(fields) != 3:
+    raise ValueError(f"hardware accumulator {name!r} is invalid: expected "
+                     "'arch/instruction/shape_and_type[/promote<N>]', e.g. "
+                     "'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128'")
+  return mma(*fields, promote_every=promote)

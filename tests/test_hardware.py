@@ -236,3 +236,11 @@ def test_counters_and_gradients_go_through_the_kind():
 def test_bad_names_are_one_clear_error(args, field):
   with pytest.raises(ValueError, match=field):
     hardware.mma(*args)
+
+
+def test_experiments_name_presets_by_their_fields():
+  cfg = hardware.parse('Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128')
+  assert cfg == hardware.mma('Hopper', 'wgmma', 'm64n8k32.f32.e4m3.e4m3', promote_every=128)
+  assert hardware.parse('RTX Blackwell/mma/m16n8k16.f32.bf16.bf16.f32').acc.group == 16
+  with pytest.raises(ValueError, match='arch/instruction/shape_and_type'):
+    hardware.parse('Hopper/m64n8k32.f32.e4m3.e4m3')
