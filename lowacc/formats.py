@@ -156,6 +156,46 @@ class FloatFormat(Accumulator):
     return out, Flags(sat=sat, lost=(u != 0) & (out == s), flush=(out == 0) & (hi != 0))
 
 
+INT_OVERFLOWS = ('wrap', 'saturate')
+_F32_EXACT_BITS = 24  # float32 holds every integer of up to 24 bits, sign apart
+
+
+@dataclasses.dataclass(frozen=True)
+class IntFormat(Accumulator):
+  """A two's-complement accumulator of `bits` bits: integers in [-2^(bits-1), 2^(bits-1) - 1].
+
+  A step adds the integer term u (a product of integer operands, or a chunk's integer partial)
+  exactly; a sum out of range wraps modulo 2^bits (overflow='wrap', WrapNet) or becomes the
+  nearest bound ('saturate', A2Q), and counts as sat. Terms must be integers exact in float32
+  (|x w| < 2^24, e.g. int8 operands); a fraction is truncated toward zero. bits <= 24 keeps every
+  value exact in the float32 container, so wider registers (int32) are not simulated.
+  """
+  bits: int
+  overflow: str = 'wrap'
+
+  def __post_init__(self):
+    _check_int(self, 'bits', 2, _F32_EXACT_BITS - 1)
+    _check_choice('IntFormat', 'overflow', self.overflow, INT_OVERFLOWS)
+
+  @property
+  def name(self) -> str:
+    return f'INT{self.bits}' + ('w' if self.overflow == 'wrap' else 's')
+
+  def step(self, s, u, rand):
+    """s + u exactly, wrapped or saturated into `bits`; s=None takes u alone."""
+    v = u if s is None else s + u  # exact: |s| < 2^23 and integer |u| < 2^24 (see the class doc)
+    vi = v.astype(jnp.int32)
+    lo, hi = -2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+    if self.overflow == 'wrap':
+      out = ((vi - lo) & (2 ** self.bits - 1)) + lo
+    else:
+      out = jnp.clip(vi, lo, hi)
+    out = out.astype(jnp.float32)
+    before = jnp.zeros_like(u) if s is None else s
+    return out, Flags(sat=(vi < lo) | (vi > hi), lost=(u != 0) & (out == before),
+                      flush=(out == 0) & (vi != 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class InputQuant:
   """Quantization of one GEMM operand before the products (spec section 2).
@@ -215,10 +255,10 @@ class AccumulatorConfig:
     if self.chunk_size is not None:
       _check_int(self, 'chunk_size', 1)
     _check_choice('AccumulatorConfig', 'order', self.order, ORDERS)
-    if not (self.combine is None or isinstance(self.combine, FloatFormat)
+    if not (self.combine is None or isinstance(self.combine, (FloatFormat, IntFormat))
             or (isinstance(self.combine, str) and self.combine == 'acc')):
       raise ValueError(f"AccumulatorConfig.combine={self.combine!r} is invalid: valid values are "
-                       "'acc', a FloatFormat, or None (float32)")
+                       "'acc', a FloatFormat or IntFormat, or None (float32)")
     _check_choice('AccumulatorConfig', 'ste', self.ste, STES)
     if self.acc is not None:
       self._check_kind(self.acc)

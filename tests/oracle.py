@@ -292,3 +292,30 @@ def fused_chain(xs, ws, kind) -> float:
     pad = kind.group - len(x)
     c = fused_step(x + [0.0] * pad, w + [0.0] * pad, c, kind)
   return c
+
+
+def int_step(s: int, u: int, bits: int, overflow: str):
+  """s + u into a two's-complement accumulator of `bits`: wrapped modulo 2^bits or saturated.
+  -> (value, overflowed)"""
+  lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+  v = s + u
+  if overflow == 'wrap':
+    return (v - lo) % 2 ** bits + lo, not lo <= v <= hi
+  return min(max(v, lo), hi), not lo <= v <= hi
+
+
+def int_chain(xs, ws, acc, chunk, order, combine):
+  """An integer dot: chunks of `chunk` products, each added per product (order 'fma') or summed
+  exactly and then stepped once ('chunk'), the chunk results stepped into `combine` (an IntFormat's
+  fields, or acc). -> (value, overflow count)"""
+  comb = acc if combine == 'acc' else combine
+  total, overflows = 0, 0
+  for start in range(0, len(xs), chunk):
+    products = [int(x) * int(w) for x, w in zip(xs[start:start + chunk], ws[start:start + chunk])]
+    s = 0
+    for u in (products if order == 'fma' else [sum(products)]):
+      s, o = int_step(s, u, acc.bits, acc.overflow)
+      overflows += o
+    total, o = int_step(total, s, comb.bits, comb.overflow)
+    overflows += o
+  return total, overflows
