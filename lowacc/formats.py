@@ -167,7 +167,7 @@ class IntFormat(Accumulator):
   A step adds the integer term u (a product of integer operands, or a chunk's integer partial)
   exactly; a sum out of range wraps modulo 2^bits (overflow='wrap', WrapNet) or becomes the
   nearest bound ('saturate', A2Q), and counts as sat. Terms must be integers exact in float32
-  (|x w| < 2^24, e.g. int8 operands); a fraction is truncated toward zero. bits <= 24 keeps every
+  (|x w| < 2^24, e.g. int8 operands); a fraction is truncated toward zero. bits <= 23 keeps every
   value exact in the float32 container, so wider registers (int32) are not simulated.
   """
   bits: int
