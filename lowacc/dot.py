@@ -25,10 +25,10 @@ import numpy as np
 from jax import lax
 
 from lowacc.accumulator import Flags, float32_sum
-from lowacc.formats import AccumulatorConfig, DotConfig
+from lowacc.formats import AccumulatorConfig, DotConfig, IntQuant
 from lowacc.kernels import native
-from lowacc.quantize import (as_float32, check_key, quantize_operand, random_bits, result_dtype,
-                             round_exact)
+from lowacc.quantize import (as_float32, check_key, integer_operand, quantize_operand, random_bits,
+                             result_dtype, round_exact)
 
 _HIGHEST = lax.Precision.HIGHEST
 # Streams of the PRNG key: step t of each rounding draws random_bits(fold_in(fold_in(key, s), t)).
@@ -366,7 +366,8 @@ def _size(shape: Sequence[int]) -> int:
 
 
 def _prepare(lhs, rhs, dimension_numbers, cfg: DotConfig):
-  """Canonical quantized operands x (B, M, K), w (B, K, N) and the output's shape."""
+  """Canonical quantized operands x (B, M, K), w (B, K, N), the output's shape, and the scale of
+  integer-quantized operands (IntQuant) that multiplies the dot, else None."""
   lhs, rhs = as_float32(lhs, 'lhs'), as_float32(rhs, 'rhs')
   lperm, rperm, (lb, lf, lc, rf) = _canonicalize(lhs, rhs, dimension_numbers)
   bshape = tuple(lhs.shape[d] for d in lb)
@@ -377,10 +378,14 @@ def _prepare(lhs, rhs, dimension_numbers, cfg: DotConfig):
   x = lhs.transpose(lperm).reshape(b, m, k)
   w = rhs.transpose(rperm).reshape(b, k, n)
   fwd = cfg.fwd
-  if fwd is not None:
+  scale = None
+  if fwd is not None and isinstance(fwd.lhs, IntQuant):
+    (x, sx), (w, sw) = integer_operand(x, fwd.lhs, (2,)), integer_operand(w, fwd.rhs, (1,))
+    scale = sx * sw  # (B or 1, M or 1, 1) * (B or 1, 1, N or 1)
+  elif fwd is not None:
     x = quantize_operand(x, fwd.lhs, reduce_axes=(2,))
     w = quantize_operand(w, fwd.rhs, reduce_axes=(1,))
-  return x, w, bshape + mshape + nshape
+  return x, w, bshape + mshape + nshape, scale
 
 
 def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None,
@@ -419,8 +424,9 @@ def _hashable(dimension_numbers):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _simulated_dot(cfg: DotConfig, dimension_numbers, lhs, rhs, key):
-  x, w, out_shape = _prepare(lhs, rhs, dimension_numbers, cfg)
-  return _accumulate(cfg, x, w, key).reshape(out_shape)
+  x, w, out_shape, scale = _prepare(lhs, rhs, dimension_numbers, cfg)
+  y = _accumulate(cfg, x, w, key)
+  return (y if scale is None else y * scale).reshape(out_shape)
 
 
 def matmul(a, b, config, *, key=None):
@@ -506,13 +512,13 @@ def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
   steps (a Python int), sat, lost, flush: steps of the inner chains (one per product for order 'fma', one per
   chunk for 'chunk') and of the combine chain, and how many saturated, lost their update, or
   flushed to zero. rel_error and max_abs_error compare the output with the float32 dot of the same
-  (quantized) operands.
+  (quantized) operands (for IntQuant operands, of their integers, before the scales).
   """
   cfg = DotConfig.of(config)
   fwd = cfg.fwd
   if fwd is None or fwd.acc is None:
     raise ValueError('accumulation_stats needs a config with a simulated accumulator (acc set)')
-  x, w, _ = _prepare(lhs, rhs, _hashable(dimension_numbers), cfg)
+  x, w, _, _ = _prepare(lhs, rhs, _hashable(dimension_numbers), cfg)
   if x.shape[2] == 0:
     raise ValueError('accumulation_stats needs a non-empty contraction')
   b, m, k = x.shape

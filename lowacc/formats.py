@@ -217,6 +217,27 @@ class InputQuant:
                        'quantization is deterministic; use another rounding')
 
 
+INT_SCALINGS = ('per_tensor', 'per_channel', 'per_tensor_pow2', 'per_channel_pow2')
+
+
+@dataclasses.dataclass(frozen=True)
+class IntQuant:
+  """Symmetric integer quantization of one GEMM operand: q = clip(round_half_even(x / scale),
+  -(2^(bits-1) - 1), 2^(bits-1) - 1), so that the products are integers for an IntFormat
+  accumulator; the dot's result is multiplied back by both operands' scales.
+
+  scale = max|x| / (2^(bits-1) - 1) ('per_tensor', 'per_channel'), or the power of two at or
+  above it ('..._pow2'); per_channel takes max|x| over the contracting axes, per output channel of
+  a weight (per row of an activation). Gradients pass straight through the rounding.
+  """
+  bits: int = 8
+  scaling: str = 'per_tensor'
+
+  def __post_init__(self):
+    _check_int(self, 'bits', 2, 12)  # products of two 12-bit integers stay exact in float32
+    _check_choice('IntQuant', 'scaling', self.scaling, INT_SCALINGS)
+
+
 @dataclasses.dataclass(frozen=True)
 class AccumulatorConfig:
   """How one GEMM accumulates (spec section 3) and how its gradient is estimated (section 4).
@@ -230,7 +251,7 @@ class AccumulatorConfig:
   combine: how chunk results are summed: 'acc' (the accumulator itself), a FloatFormat, or None
     (float32).
   ste: the gradient estimator.
-  lhs, rhs: optional InputQuant of each operand.
+  lhs, rhs: optional InputQuant (or, both, IntQuant) of each operand.
   """
   acc: Optional[Accumulator]
   product: Optional[FloatFormat] = None
@@ -238,8 +259,8 @@ class AccumulatorConfig:
   order: str = 'fma'
   combine: Union[str, FloatFormat, None] = 'acc'
   ste: str = 'identity'
-  lhs: Optional[InputQuant] = None
-  rhs: Optional[InputQuant] = None
+  lhs: Union[InputQuant, IntQuant, None] = None
+  rhs: Union[InputQuant, IntQuant, None] = None
 
   def __post_init__(self):
     if self.acc is not None and not isinstance(self.acc, Accumulator):
@@ -250,8 +271,12 @@ class AccumulatorConfig:
                        f'{self.product!r}')
     for field in ('lhs', 'rhs'):
       value = getattr(self, field)
-      if value is not None and not isinstance(value, InputQuant):
-        raise ValueError(f'AccumulatorConfig.{field} must be an InputQuant or None, got {value!r}')
+      if value is not None and not isinstance(value, (InputQuant, IntQuant)):
+        raise ValueError(f'AccumulatorConfig.{field} must be an InputQuant, an IntQuant or None, '
+                         f'got {value!r}')
+    if (self.lhs is None) != (self.rhs is None) and isinstance(self.lhs or self.rhs, IntQuant):
+      raise ValueError('AccumulatorConfig: an IntQuant on one operand needs one on the other, so '
+                       'that the products are integers; set both lhs and rhs')
     if self.chunk_size is not None:
       _check_int(self, 'chunk_size', 1)
     _check_choice('AccumulatorConfig', 'order', self.order, ORDERS)

@@ -37,7 +37,8 @@ ROWS = 48  # dot products per input kind
 def _nv_table():
   """(instruction, arch, shape_and_type, block_scaled) of every NVIDIA entry in mmasim."""
   for instruction, tables in (
-      ('mma', ((isa_mma.mma_shape_and_type, False), (isa_mma.mma_block_scale_shape_and_type, True))),
+      ('mma', ((isa_mma.mma_shape_and_type, False),
+               (isa_mma.mma_block_scale_shape_and_type, True))),
       ('wgmma', ((isa_wgmma.wgmma_shape_and_type, False),)),
       ('tcgen05.mma', ((isa_tcgen05mma.tcgen05mma_shape_and_type, False),
                        (isa_tcgen05mma.tcgen05mma_block_scale_shape_and_type, True)))):
@@ -162,8 +163,10 @@ def test_preset_equals_mmasim(entry):
                            f'got {y[bad[:4]]}, mmasim {expected[bad[:4]]}')
 
 
-ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'), ('wgmma', 'Hopper', 'm64n8k32.f32.e4m3.e5m2'),
-                ('mma', 'Ampere', 'm16n8k8.f32.bf16.bf16.f32'), ('mma', 'Volta', 'm8n8k4.f16.f16.f16.f16'),
+ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'),
+                ('wgmma', 'Hopper', 'm64n8k32.f32.e4m3.e5m2'),
+                ('mma', 'Ampere', 'm16n8k8.f32.bf16.bf16.f32'),
+                ('mma', 'Volta', 'm8n8k4.f16.f16.f16.f16'),
                 ('mma', 'RTX Blackwell', 'm16n8k32.kind::f8f6f4.f16.e2m1.e3m2.f16'),
                 ('mma', 'Ampere', 'm16n8k4.f32.tf32.tf32.f32')]
 

@@ -68,3 +68,28 @@ def test_identity_gradient_and_bad_fields():
     IntFormat(32)
   with pytest.raises(ValueError, match="IntFormat.overflow='clip'"):
     IntFormat(16, 'clip')
+
+
+@pytest.mark.parametrize('scaling', lowacc.formats.INT_SCALINGS)
+def test_integer_inputs_make_integer_products(scaling):
+  """IntQuant operands: numpy's symmetric int8 quantization, their int64 dot wrapped into 16 bits,
+  times the two scales (in float32)."""
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((1, 5, 64)).astype(np.float32)
+  w = (rng.standard_normal((1, 64, 3)) * np.array([1, 10, 100])).astype(np.float32)
+  iq = lowacc.IntQuant(8, scaling)
+  cfg = AccumulatorConfig(acc=IntFormat(16, 'wrap'), chunk_size=None, lhs=iq, rhs=iq)
+  y = np.asarray(lowacc.dot_general(x, w, BATCHED, cfg))
+
+  def quantize(v, axis):
+    amax = np.abs(v).max(axis=None if scaling.startswith('per_tensor') else axis, keepdims=True)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    if scaling.endswith('_pow2'):
+      scale = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
+    return np.clip(np.rint(v / scale), -127, 127).astype(np.int64), scale
+
+  (qx, sx), (qw, sw) = quantize(x, 2), quantize(w, 1)
+  total = (np.einsum('bmk,bkn->bmn', qx, qw) + 2 ** 15) % 2 ** 16 - 2 ** 15
+  np.testing.assert_array_equal(y, total.astype(np.float32) * (sx * sw))
+  g = jax.grad(lambda x: lowacc.dot_general(x, w, BATCHED, cfg).sum())(x)
+  assert np.all(np.isfinite(g)) and np.any(g != 0)
