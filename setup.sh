@@ -25,6 +25,11 @@ if [ ! -f "$snli/snli_1.0_test.jsonl" ] || [ ! -f "$snli/snli_1.0_train_subset.j
 fi
 if [ "${1:-}" = test ]; then
   python -m pip install -q torch==2.13.0
+  # mmasim, the bit-accurate tensor-core reference tests/test_hardware.py compares against. Not in
+  # the [test] extra: it declares a dependency on torch, which pip would resolve to a CUDA build;
+  # --no-deps after the CPU torch above keeps that one (its other needs, setuptools and a C++
+  # compiler for the extension it builds at import, are there already).
+  python -m pip install -q --no-deps mmasim==2.1.1
   # The PyTorch model code published with the EfficientNet-Lite checkpoints (needs only torch).
   python -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0
   # Fashion-MNIST from Debian, where this is Debian and we are root (its tests skip otherwise).

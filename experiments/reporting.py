@@ -4,7 +4,6 @@ accuracy.png (accuracy against accumulator width, the paper's zero-shot table as
 from __future__ import annotations
 
 import os
-import re
 
 import matplotlib
 
@@ -12,6 +11,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 from experiments import state  # noqa: E402
+from lowacc import hardware  # noqa: E402
+from lowacc.formats import FloatFormat  # noqa: E402
 
 
 class MetricLog:
@@ -62,9 +63,13 @@ def save_results(workdir: str, config, results: dict):
 
 
 def bits(fmt: str) -> int:
-  """Bits of 'M7E4b10' (1 + 7 + 4); float32 is 32."""
-  m = re.fullmatch(r'M(\d+)E(\d+)(?:b-?\d+)?', fmt)
-  return 32 if m is None else 1 + int(m[1]) + int(m[2])
+  """Bits of 'M7E4b10' (1 + 7 + 4), of a hardware preset's output type; float32 is 32."""
+  try:
+    if '/' in fmt:
+      return 16 if hardware.parse(fmt).acc.output == 'f16' else 32
+    return FloatFormat.parse(fmt).width
+  except ValueError:
+    return 32
 
 
 def table(results: dict, metric: str) -> str:

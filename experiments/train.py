@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -40,7 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import reporting, state, tasks
-from lowacc import AccumulatorConfig, FloatFormat
+from lowacc import AccumulatorConfig, FloatFormat, hardware
 from lowacc.formats import PAPER_FP8_INPUT
 from lowacc.nn import Policy, apply_policy
 
@@ -54,24 +53,23 @@ NOT_IN_MANIFEST = ('name', 'metric_name', 'log_every_steps', 'checkpoint_every_s
 
 def parse_format(name: str, acc: ml_collections.ConfigDict) -> FloatFormat:
   """'M7E4' or 'M7E4b10' (the paper's notation) with the modes of config.accumulator."""
-  match = re.fullmatch(r'M(\d+)E(\d+)(?:b(-?\d+))?', name)
-  if not match:
-    raise ValueError(f"accumulator format {name!r} is invalid: expected 'M<man>E<exp>' or "
-                     "'M<man>E<exp>b<bias>', e.g. 'M7E4b10'")
-  man, exp, bias = int(match[1]), int(match[2]), match[3]
-  return FloatFormat(exp, man, None if bias is None else int(bias), rounding=acc.rounding,
-                     underflow=acc.underflow, overflow=acc.overflow)
+  return FloatFormat.parse(name, rounding=acc.rounding, underflow=acc.underflow,
+                           overflow=acc.overflow)
 
 
 def accumulator_config(acc: ml_collections.ConfigDict, fmt: str | None = None):
   """The AccumulatorConfig of config.accumulator, or of format `fmt` with the same settings.
 
-  'float32' is no simulation (None). With acc.product, products are rounded to the accumulator's
-  widths with bias + acc.product_bias_offset (the paper: 12 = 10 + log2(16) / 2).
+  'float32' is no simulation (None). A name with '/' is a hardware preset
+  (`lowacc.hardware.parse`, e.g. 'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3'), which brings its own
+  input types and chain and takes only acc.ste. With acc.product, products are rounded to the
+  accumulator's widths with bias + acc.product_bias_offset (the paper: 12 = 10 + log2(16) / 2).
   """
   name = fmt or acc.format
   if name == 'float32':
     return None
+  if '/' in name:
+    return hardware.parse(name).replace(ste=acc.ste)
   acc_fmt = parse_format(name, acc)
   product = acc_fmt.replace(bias=acc_fmt.bias + acc.product_bias_offset) if acc.product else None
   inputs = PAPER_FP8_INPUT if acc.fp8_inputs else None

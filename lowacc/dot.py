@@ -1,10 +1,12 @@
 """dot_general with a simulated low-bit accumulator (spec sections 3 to 5).
 
-The whole accumulator chain lives here. A dot is brought to the canonical form
-x (B, M, K) . w (B, K, N) -> (B, M, N); K is padded to whole chunks with zero products neutral in
-IEEE addition (`pad_product`) and laid out k-major, (G, C, B, M) and (G, C, B, N), so step k reads
-one contiguous slice. `_run` scans the chunks: an inner chain per chunk ('fma': C steps; 'chunk':
-one float32 chunk sum rounded once), then one step of the combine chain. Observers attached to the
+The whole accumulator chain lives here; what one step does is the accumulator's own
+(`lowacc.accumulator.Accumulator.step`). A dot is brought to the canonical form
+x (B, M, K) . w (B, K, N) -> (B, M, N); K is padded to whole chunks with zero products that leave
+every step unchanged (`Accumulator.pad_product`) and laid out k-major, (G, C, B, M) and
+(G, C, B, N), so a step reads one contiguous slice. `_run` scans the chunks: an inner chain per
+chunk ('fma': C / acc.group steps; 'chunk': one float32 chunk sum rounded once), then one step of
+the combine chain. Observers attached to the
 inner and combine steps derive everything else from the same chain: telemetry counters, the
 residual the recursive estimators need, and the backward pass, which recomputes the chain instead
 of storing an M x N x K tensor.
@@ -22,83 +24,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowacc.formats import AccumulatorConfig, DotConfig
+from lowacc.accumulator import Flags, float32_sum
+from lowacc.formats import AccumulatorConfig, DotConfig, IntQuant
 from lowacc.kernels import native
-from lowacc.quantize import (as_float32, check_key, quantize_operand, random_bits, result_dtype,
-                             round_exact)
+from lowacc.quantize import (as_float32, check_key, integer_operand, quantize_operand, random_bits,
+                             result_dtype, round_exact)
 
 _HIGHEST = lax.Precision.HIGHEST
 # Streams of the PRNG key: step t of each rounding draws random_bits(fold_in(fold_in(key, s), t)).
 _PRODUCT_STREAM, _ACC_STREAM, _COMBINE_STREAM, _DLHS_STREAM, _DRHS_STREAM = range(5)
 
 
-def float32_sum(a, b, down=False):
-  """fl32(a + b), a zero signed as IEEE 754 (section 6.3) signs an exact zero sum: -0 when a and b
-  are both -0, or under `down` (rounding toward -inf) when either is negative, else +0. Not left
-  to XLA, which folds 0 + x into x."""
-  bits = lambda v: lax.bitcast_convert_type(v, jnp.uint32)
-  negative = (bits(a) | bits(b)) if down else (bits(a) & bits(b))
-  zero = lax.bitcast_convert_type(negative & jnp.uint32(0x80000000), jnp.float32)
-  s = a + b
-  return jnp.where(s == 0, zero, s)
-
-
-def two_sum(a, b, down=False):
-  """(s, e) with s = float32_sum(a, b, down) and s + e = a + b exactly (Knuth's TwoSum).
-
-  An infinite operand gives e = 0 (the sum is exactly infinite); a finite sum beyond float32
-  gives s = +-inf with e = NaN, which `round_exact` overflows as a finite value.
-  """
-  s = float32_sum(a, b, down)
-  bb = s - a
-  e = (a - (s - bb)) + (b - bb)
-  return s, jnp.where(jnp.isinf(a) | jnp.isinf(b), 0.0, e)
-
-
-def pad_product(fmt) -> float:
-  """The product that pads a chunk: a zero that leaves every sum of `fmt`'s chain and its sign
-  unchanged, -0 (x + -0 = x), or +0 under rounding 'down' (where +0 + -0 = -0)."""
-  return 0.0 if fmt.rounding == 'down' else -0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Flags:
-  """What one accumulation step s_t = Q(s_{t-1} + u_t) did, per output element (spec section 4)."""
-  sat: jax.Array    # the exact sum exceeded max_normal
-  lost: jax.Array   # u_t != 0 but s_t == s_{t-1}
-  flush: jax.Array  # s_t == 0 although s_{t-1} + u_t != 0
-
-  def passes(self, ste: str):
-    """The immediate factor d_t of the estimator: does u_t's gradient pass this step?"""
-    if ste.endswith('_of'):
-      return ~self.sat
-    if ste.endswith('_diff'):
-      return ~self.lost
-    if ste.endswith('_both'):
-      return ~(self.sat | self.lost)
-    return jnp.ones_like(self.sat)
-
-  @property
-  def forgets(self):
-    """c_t = 0: the step forgot everything before it."""
-    return self.sat | self.flush
-
-
-def _step(s, u, fmt, rand):
-  """One accumulation step: s + u taken exactly and rounded once into `fmt` (None: float32).
-
-  s=None (order 'chunk'): u is the chunk partial P, rounded alone, s = Q_acc(P).
-  """
-  if fmt is None:
-    out = float32_sum(s, u)
-    no = jnp.zeros(out.shape, bool)
-    return out, _Flags(no, no, no)
-  if s is None:
-    s, (hi, lo) = jnp.zeros_like(u), (u, None)
-  else:
-    hi, lo = two_sum(s, u, fmt.rounding == 'down')
-  out, sat = round_exact(hi, lo, fmt, rand)
-  return out, _Flags(sat=sat, lost=(u != 0) & (out == s), flush=(out == 0) & (hi != 0))
+def _step(s, u, acc, rand):
+  """One step of a chain: `acc.step`, or a float32 sum for acc=None (combine=None), where a zero
+  s gives u itself (XLA on the CPU would flush a float32 subnormal u, which IEEE keeps)."""
+  if acc is None:
+    bits = lambda v: lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+    out = jnp.where((bits(s) == 0) & (bits(u) != 0), u, float32_sum(s, u))
+    return out, Flags.none(out.shape)
+  return acc.step(s, u, rand)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,11 +58,13 @@ class _Chain:
   def layout(cls, cfg, x, w, key):
     b, m, k = x.shape
     n = w.shape[2]
+    group = cfg.acc.group
     c = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
+    c = -(-c // group) * group  # whole steps of acc.group products
     g = -(-k // c)
     pad = g * c - k
-    # Padded products are pad_product(acc) * (+0), which leave every sum and sign unchanged.
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=pad_product(cfg.acc))
+    # Padded products are acc.pad_product * (+0), which leave every step's result unchanged.
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=cfg.acc.pad_product)
     w = jnp.pad(w, ((0, 0), (0, pad), (0, 0)))
     xs = x.transpose(2, 0, 1).reshape(g, c, b, m)
     ws = w.transpose(1, 0, 2).reshape(g, c, b, n)
@@ -134,16 +80,22 @@ class _Chain:
     return jnp.full_like(self.xs[0, 0][:, :, None] * self.ws[0, 0][:, None, :], value, dtype)
 
   def rand(self, fmt, stream, t):
-    if fmt is None or fmt.rounding != 'stochastic':
+    if fmt is None or not fmt.stochastic:
       return None
     if self.key is None:
       raise ValueError(f"AccumulatorConfig uses rounding='stochastic' ({fmt.name}): pass key= to "
                        'lowacc.dot_general / conv_general_dilated')
     return random_bits(jax.random.fold_in(jax.random.fold_in(self.key, stream), t), self.out_shape)
 
+  def group(self, a, i):
+    """The operand slice of step i of a chunk a (C, B, .): a[i], or acc.group rows from i L."""
+    size = self.cfg.acc.group
+    return a[i] if size == 1 else lax.dynamic_slice_in_dim(a, i * size, size)
+
   def products(self, xk, wk, t):
-    """p_t = Q_prod(fl32(x_t * w_t)) for every output element, (B, M, N)."""
-    p = xk[:, :, None] * wk[:, None, :]
+    """The step's terms for every output element: p_t = Q_prod(fl32(x_t * w_t)), (B, M, N), for a
+    kind of group 1 (`Accumulator.terms`)."""
+    p = self.cfg.acc.terms(xk, wk)
     fmt = self.cfg.product
     if fmt is not None:
       p = round_exact(p, None, fmt, self.rand(fmt, _PRODUCT_STREAM, t))[0]
@@ -163,17 +115,18 @@ class _Chain:
       else:
         u = lax.fori_loop(0, c, lambda i, u: u + self.products(xc[i], wc[i], j * c + i), zero)
       u = float32_sum(zero, u)  # P is summed from +0: a zero P is +0, in any order
-      s, flags = _step(None, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, j))
+      s, flags = cfg.acc.step(None, u, self.rand(cfg.acc, _ACC_STREAM, j))
       return s, observe(init, 0, u, flags)
 
     def body(i, carry):
       s, state = carry
       t = j * c + i
-      u = self.products(xc[i], wc[i], t)
-      s, flags = _step(s, u, cfg.acc, self.rand(cfg.acc, _ACC_STREAM, t))
+      u = self.products(self.group(xc, i), self.group(wc, i), t)
+      s, flags = cfg.acc.step(s, u, self.rand(cfg.acc, _ACC_STREAM, t))
       return s, observe(state, i, u, flags)
 
-    return lax.fori_loop(jnp.int32(0), jnp.int32(c), body, (zero, init))  # int32 i under x64 too
+    steps = c // cfg.acc.group
+    return lax.fori_loop(jnp.int32(0), jnp.int32(steps), body, (zero, init))  # int32 i under x64
 
   def combine(self, j, total, s):
     fmt = self.cfg.combine_format
@@ -252,12 +205,18 @@ def _backward(chain: _Chain, last_combine_forget, g):
         return grad('bmn,cbn->cbm', gf, wc, xc), grad('bmn,cbm->cbn', gf, xc, wc)
       init = None
     else:
+      size = cfg.acc.group
+      spec = ('bmn,bn->bm', 'bmn,bm->bn') if size == 1 else ('bmn,lbn->lbm', 'bmn,lbm->lbn')
+
+      def put(d, i, value):
+        return d.at[i].set(value) if size == 1 else lax.dynamic_update_slice_in_dim(
+            d, value, i * size, 0)
+
       def contribute(grads, i, u, flags):
         gf = factor(i, flags)
         dx, dw = grads
-        dx = dx.at[i].set(grad('bmn,bn->bm', gf, wc[i], xc[i]))
-        dw = dw.at[i].set(grad('bmn,bm->bn', gf, xc[i], wc[i]))
-        return dx, dw
+        xg, wg = chain.group(xc, i), chain.group(wc, i)
+        return put(dx, i, grad(spec[0], gf, wg, xg)), put(dw, i, grad(spec[1], gf, xg, wg))
       # Varying over the shard_map axes of x, w and g together, as the gradients do.
       init = (_vary(jnp.zeros_like(xc), gj), _vary(jnp.zeros_like(wc), gj))
     _, grads = chain.inner(j, xc, wc, contribute, init)  # pass B
@@ -407,7 +366,8 @@ def _size(shape: Sequence[int]) -> int:
 
 
 def _prepare(lhs, rhs, dimension_numbers, cfg: DotConfig):
-  """Canonical quantized operands x (B, M, K), w (B, K, N) and the output's shape."""
+  """Canonical quantized operands x (B, M, K), w (B, K, N), the output's shape, and the scale of
+  integer-quantized operands (IntQuant) that multiplies the dot, else None."""
   lhs, rhs = as_float32(lhs, 'lhs'), as_float32(rhs, 'rhs')
   lperm, rperm, (lb, lf, lc, rf) = _canonicalize(lhs, rhs, dimension_numbers)
   bshape = tuple(lhs.shape[d] for d in lb)
@@ -418,10 +378,14 @@ def _prepare(lhs, rhs, dimension_numbers, cfg: DotConfig):
   x = lhs.transpose(lperm).reshape(b, m, k)
   w = rhs.transpose(rperm).reshape(b, k, n)
   fwd = cfg.fwd
-  if fwd is not None:
+  scale = None
+  if fwd is not None and isinstance(fwd.lhs, IntQuant):
+    (x, sx), (w, sw) = integer_operand(x, fwd.lhs, (2,)), integer_operand(w, fwd.rhs, (1,))
+    scale = sx * sw  # (B or 1, M or 1, 1) * (B or 1, 1, N or 1)
+  elif fwd is not None:
     x = quantize_operand(x, fwd.lhs, reduce_axes=(2,))
     w = quantize_operand(w, fwd.rhs, reduce_axes=(1,))
-  return x, w, bshape + mshape + nshape
+  return x, w, bshape + mshape + nshape, scale
 
 
 def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None,
@@ -460,8 +424,9 @@ def _hashable(dimension_numbers):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _simulated_dot(cfg: DotConfig, dimension_numbers, lhs, rhs, key):
-  x, w, out_shape = _prepare(lhs, rhs, dimension_numbers, cfg)
-  return _accumulate(cfg, x, w, key).reshape(out_shape)
+  x, w, out_shape, scale = _prepare(lhs, rhs, dimension_numbers, cfg)
+  y = _accumulate(cfg, x, w, key)
+  return (y if scale is None else y * scale).reshape(out_shape)
 
 
 def matmul(a, b, config, *, key=None):
@@ -502,7 +467,7 @@ class DotGeneral:
     return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
 
 
-def _count(state, flags: _Flags):
+def _count(state, flags: Flags):
   """Adds the step's flags to per-element counts (summed once at the end, to keep fusion)."""
   return {name: state[name] + getattr(flags, name).astype(jnp.int32) for name in state}
 
@@ -547,18 +512,21 @@ def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
   steps (a Python int), sat, lost, flush: steps of the inner chains (one per product for order 'fma', one per
   chunk for 'chunk') and of the combine chain, and how many saturated, lost their update, or
   flushed to zero. rel_error and max_abs_error compare the output with the float32 dot of the same
-  (quantized) operands.
+  (quantized) operands (for IntQuant operands, of their integers, before the scales).
   """
   cfg = DotConfig.of(config)
   fwd = cfg.fwd
   if fwd is None or fwd.acc is None:
     raise ValueError('accumulation_stats needs a config with a simulated accumulator (acc set)')
-  x, w, _ = _prepare(lhs, rhs, _hashable(dimension_numbers), cfg)
+  x, w, _, _ = _prepare(lhs, rhs, _hashable(dimension_numbers), cfg)
   if x.shape[2] == 0:
     raise ValueError('accumulation_stats needs a non-empty contraction')
   b, m, k = x.shape
-  g = -(-k // (fwd.chunk_size or k))
-  inner_steps = k if fwd.order == 'fma' else g
+  c = fwd.chunk_size or k
+  g = -(-k // c)
+  size = fwd.acc.group  # products per step; a short last chunk's steps round up
+  steps_of = lambda products: -(-products // size)
+  inner_steps = (g - 1) * steps_of(c) + steps_of(k - (g - 1) * c) if fwd.order == 'fma' else g
   combine_steps = g if fwd.combine_format is not None else 0
   return dict(_stats(fwd, x, w, key), steps=b * m * w.shape[2] * (inner_steps + combine_steps))
 

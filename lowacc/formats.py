@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from typing import Optional, Union
 
+import jax.numpy as jnp
 import numpy as np
+
+from lowacc.accumulator import Accumulator, Flags, two_sum
 
 ROUNDINGS = ('nearest_even', 'toward_zero', 'down', 'up', 'stochastic')
 UNDERFLOWS = ('flush', 'subnormal', 'none')
@@ -44,12 +48,13 @@ def _check_choice(owner: str, field: str, value, choices):
 
 
 @dataclasses.dataclass(frozen=True)
-class FloatFormat:
+class FloatFormat(Accumulator):
   """A sign + `exp_bits` exponent + `man_bits` fraction floating-point format.
 
   Normal values are (-1)^s 2^(e - bias) (1 + f / 2^man_bits) for exponent codes e = 1..e_top, where
   e_top reserves the top code for inf/NaN only when overflow='inf'. `bias=None` means the IEEE bias
   2^(exp_bits-1) - 1. The modes say how `lowacc.quantize` rounds into the format (spec section 1).
+  As an accumulator (the paper's kind), a step takes s + u exactly and rounds it once.
   """
   exp_bits: int
   man_bits: int
@@ -120,6 +125,76 @@ class FloatFormat:
   def replace(self, **changes) -> 'FloatFormat':
     return dataclasses.replace(self, **changes)
 
+  @classmethod
+  def parse(cls, name: str, **modes) -> 'FloatFormat':
+    """The format named 'M7E4' or 'M7E4b10' (the paper's notation, as `name` spells it), with the
+    modes given (rounding=, underflow=, overflow=)."""
+    match = re.fullmatch(r'M(\d+)E(\d+)(?:b(-?\d+))?', name) if isinstance(name, str) else None
+    if not match:
+      raise ValueError(f"accumulator format {name!r} is invalid: expected 'M<man>E<exp>' or "
+                       "'M<man>E<exp>b<bias>', e.g. 'M7E4b10'")
+    man, exp, bias = int(match[1]), int(match[2]), match[3]
+    return cls(exp, man, None if bias is None else int(bias), **modes)
+
+  @property
+  def stochastic(self) -> bool:
+    return self.rounding == 'stochastic'
+
+  @property
+  def pad_product(self) -> float:
+    """-0 (x + -0 = x), or +0 under rounding 'down' (where +0 + -0 = -0)."""
+    return 0.0 if self.rounding == 'down' else -0.0
+
+  def step(self, s, u, rand):
+    """s + u taken exactly (TwoSum) and rounded once; s=None rounds u alone."""
+    from lowacc.quantize import round_exact  # quantize imports this module
+    if s is None:
+      s, hi, lo = jnp.zeros_like(u), u, None
+    else:
+      hi, lo = two_sum(s, u, self.rounding == 'down')
+    out, sat = round_exact(hi, lo, self, rand)
+    return out, Flags(sat=sat, lost=(u != 0) & (out == s), flush=(out == 0) & (hi != 0))
+
+
+INT_OVERFLOWS = ('wrap', 'saturate')
+_F32_EXACT_BITS = 24  # float32 holds every integer of up to 24 bits, sign apart
+
+
+@dataclasses.dataclass(frozen=True)
+class IntFormat(Accumulator):
+  """A two's-complement accumulator of `bits` bits: integers in [-2^(bits-1), 2^(bits-1) - 1].
+
+  A step adds the integer term u (a product of integer operands, or a chunk's integer partial)
+  exactly; a sum out of range wraps modulo 2^bits (overflow='wrap', WrapNet) or becomes the
+  nearest bound ('saturate', A2Q), and counts as sat. Terms must be integers exact in float32
+  (|x w| < 2^24, e.g. int8 operands); a fraction is truncated toward zero. bits <= 23 keeps every
+  value exact in the float32 container, so wider registers (int32) are not simulated.
+  """
+  bits: int
+  overflow: str = 'wrap'
+
+  def __post_init__(self):
+    _check_int(self, 'bits', 2, _F32_EXACT_BITS - 1)
+    _check_choice('IntFormat', 'overflow', self.overflow, INT_OVERFLOWS)
+
+  @property
+  def name(self) -> str:
+    return f'INT{self.bits}' + ('w' if self.overflow == 'wrap' else 's')
+
+  def step(self, s, u, rand):
+    """s + u exactly, wrapped or saturated into `bits`; s=None takes u alone."""
+    v = u if s is None else s + u  # exact: |s| < 2^23 and integer |u| < 2^24 (see the class doc)
+    vi = v.astype(jnp.int32)
+    lo, hi = -2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+    if self.overflow == 'wrap':
+      out = ((vi - lo) & (2 ** self.bits - 1)) + lo
+    else:
+      out = jnp.clip(vi, lo, hi)
+    out = out.astype(jnp.float32)
+    before = jnp.zeros_like(u) if s is None else s
+    return out, Flags(sat=(vi < lo) | (vi > hi), lost=(u != 0) & (out == before),
+                      flush=(out == 0) & (vi != 0))
+
 
 @dataclasses.dataclass(frozen=True)
 class InputQuant:
@@ -142,45 +217,76 @@ class InputQuant:
                        'quantization is deterministic; use another rounding')
 
 
+INT_SCALINGS = ('per_tensor', 'per_channel', 'per_tensor_pow2', 'per_channel_pow2')
+
+
+@dataclasses.dataclass(frozen=True)
+class IntQuant:
+  """Symmetric integer quantization of one GEMM operand: q = clip(round_half_even(x / scale),
+  -(2^(bits-1) - 1), 2^(bits-1) - 1), so that the products are integers for an IntFormat
+  accumulator; the dot's result is multiplied back by both operands' scales.
+
+  scale = max|x| / (2^(bits-1) - 1) ('per_tensor', 'per_channel'), or the power of two at or
+  above it ('..._pow2'); per_channel takes max|x| over the contracting axes, per output channel of
+  a weight (per row of an activation). Gradients pass straight through the rounding.
+  """
+  bits: int = 8
+  scaling: str = 'per_tensor'
+
+  def __post_init__(self):
+    _check_int(self, 'bits', 2, 12)  # products of two 12-bit integers stay exact in float32
+    _check_choice('IntQuant', 'scaling', self.scaling, INT_SCALINGS)
+
+
 @dataclasses.dataclass(frozen=True)
 class AccumulatorConfig:
   """How one GEMM accumulates (spec section 3) and how its gradient is estimated (section 4).
 
-  acc: the accumulator format, or None for a plain float32 dot (inputs still quantized).
+  acc: the accumulator, an `Accumulator` kind (a FloatFormat, or one of `lowacc.hardware`), or
+    None for a plain float32 dot (inputs still quantized).
   product: the format each float32 product is rounded to, or None to keep float32 products.
-  chunk_size: consecutive products per chunk (None: one chunk of the whole contraction).
-  order: 'fma' (one rounding per multiply-accumulate) or 'chunk' (float32 chunk sum, rounded once).
+  chunk_size: consecutive products per chunk (None: one chunk of the whole contraction), a
+    multiple of acc.group.
+  order: 'fma' (one step per acc.group products) or 'chunk' (float32 chunk sum, rounded once).
   combine: how chunk results are summed: 'acc' (the accumulator itself), a FloatFormat, or None
     (float32).
   ste: the gradient estimator.
-  lhs, rhs: optional InputQuant of each operand.
+  lhs, rhs: optional InputQuant (or, both, IntQuant) of each operand.
   """
-  acc: Optional[FloatFormat]
+  acc: Optional[Accumulator]
   product: Optional[FloatFormat] = None
   chunk_size: Optional[int] = 16
   order: str = 'fma'
   combine: Union[str, FloatFormat, None] = 'acc'
   ste: str = 'identity'
-  lhs: Optional[InputQuant] = None
-  rhs: Optional[InputQuant] = None
+  lhs: Union[InputQuant, IntQuant, None] = None
+  rhs: Union[InputQuant, IntQuant, None] = None
 
   def __post_init__(self):
-    for field in ('acc', 'product'):
-      value = getattr(self, field)
-      if value is not None and not isinstance(value, FloatFormat):
-        raise ValueError(f'AccumulatorConfig.{field} must be a FloatFormat or None, got {value!r}')
+    if self.acc is not None and not isinstance(self.acc, Accumulator):
+      raise ValueError(f'AccumulatorConfig.acc must be an Accumulator (a FloatFormat, or a kind of '
+                       f'lowacc.hardware) or None, got {self.acc!r}')
+    if self.product is not None and not isinstance(self.product, FloatFormat):
+      raise ValueError(f'AccumulatorConfig.product must be a FloatFormat or None, got '
+                       f'{self.product!r}')
     for field in ('lhs', 'rhs'):
       value = getattr(self, field)
-      if value is not None and not isinstance(value, InputQuant):
-        raise ValueError(f'AccumulatorConfig.{field} must be an InputQuant or None, got {value!r}')
+      if value is not None and not isinstance(value, (InputQuant, IntQuant)):
+        raise ValueError(f'AccumulatorConfig.{field} must be an InputQuant, an IntQuant or None, '
+                         f'got {value!r}')
+    if (self.lhs is None) != (self.rhs is None) and isinstance(self.lhs or self.rhs, IntQuant):
+      raise ValueError('AccumulatorConfig: an IntQuant on one operand needs one on the other, so '
+                       'that the products are integers; set both lhs and rhs')
     if self.chunk_size is not None:
       _check_int(self, 'chunk_size', 1)
     _check_choice('AccumulatorConfig', 'order', self.order, ORDERS)
-    if not (self.combine is None or isinstance(self.combine, FloatFormat)
+    if not (self.combine is None or isinstance(self.combine, (FloatFormat, IntFormat))
             or (isinstance(self.combine, str) and self.combine == 'acc')):
       raise ValueError(f"AccumulatorConfig.combine={self.combine!r} is invalid: valid values are "
-                       "'acc', a FloatFormat, or None (float32)")
+                       "'acc', a FloatFormat or IntFormat, or None (float32)")
     _check_choice('AccumulatorConfig', 'ste', self.ste, STES)
+    if self.acc is not None:
+      self._check_kind(self.acc)
     if self.acc is None and self.product is not None:
       raise ValueError('AccumulatorConfig.product is set but acc=None: product rounding needs a '
                        'simulated accumulator; set acc or product=None')
@@ -193,15 +299,32 @@ class AccumulatorConfig:
         raise ValueError(f'AccumulatorConfig.{field}={value!r} would be ignored: acc=None is a '
                          f'float32 dot; leave {field} at its default {default!r} or set acc')
 
+  def _check_kind(self, acc: Accumulator):
+    """What a kind that takes acc.group products per step allows."""
+    if self.order not in acc.orders:
+      raise ValueError(f'AccumulatorConfig.order={self.order!r} is invalid for acc={acc.name}: '
+                       f'valid orders are {acc.orders}')
+    if acc.group == 1:
+      return
+    if self.chunk_size is not None and self.chunk_size % acc.group:
+      raise ValueError(f'AccumulatorConfig.chunk_size={self.chunk_size} is invalid for '
+                       f'acc={acc.name}: must be a multiple of its group of {acc.group} products')
+    if self.product is not None:
+      raise ValueError(f'AccumulatorConfig.product is set but acc={acc.name} sums exact products '
+                       'of its input type: use product=None')
+    if self.combine == 'acc':
+      raise ValueError(f"AccumulatorConfig.combine='acc' is invalid for acc={acc.name}, which "
+                       'adds groups of products: use a FloatFormat (promotion) or None')
+
   @property
-  def combine_format(self) -> Optional[FloatFormat]:
+  def combine_format(self) -> Optional[Accumulator]:
     """The format of the chunk-combine chain, or None for a float32 sum."""
     return self.acc if self.combine == 'acc' else self.combine
 
   @property
   def stochastic(self) -> bool:
     """Whether any rounding in the chain needs a PRNG key."""
-    return any(f is not None and f.rounding == 'stochastic'
+    return any(f is not None and f.stochastic
                for f in (self.acc, self.product, self.combine_format))
 
   def replace(self, **changes) -> 'AccumulatorConfig':

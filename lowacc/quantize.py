@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lowacc.formats import FloatFormat, InputQuant
+from lowacc.formats import FloatFormat, InputQuant, IntQuant
 
 _SIGN = 0x80000000
 _ABS = 0x7FFFFFFF
@@ -277,3 +277,25 @@ def quantize_operand(x, iq: Optional[InputQuant], reduce_axes=None):
   usable = amax > 0
   k = jnp.where(usable, iq.format.max_exp - _exponent_of(jnp.where(usable, amax, 1.0)), 0)
   return _scale(quantize(_scale(x, k), iq.format), -k)
+
+
+@jax.custom_jvp
+def _round_ste(v):
+  return jnp.round(v)  # half to even
+
+
+@_round_ste.defjvp
+def _round_ste_jvp(primals, tangents):
+  return _round_ste(primals[0]), tangents[0]
+
+
+def integer_operand(x, iq: IntQuant, reduce_axes):
+  """(q, scale) of `iq` (its docstring): integer-valued float32 q, and the float32 scale
+  broadcastable against x, with x ~ q * scale. A zero operand has scale 1."""
+  axes = None if iq.scaling.startswith('per_tensor') else reduce_axes
+  top = 2 ** (iq.bits - 1) - 1
+  amax = lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+  scale = jnp.where(amax > 0, amax / top, 1.0)
+  if iq.scaling.endswith('_pow2'):
+    scale = jnp.exp2(jnp.ceil(jnp.log2(scale)))
+  return jnp.clip(_round_ste(x / scale), -top, top), scale

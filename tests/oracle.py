@@ -240,3 +240,82 @@ def factors(record, cfg):
         f = f and not any(_forgets(later) for later in inner[i + 1:])
       out.append(1 if f else 0)
   return out
+
+
+# The fused dot product of a matrix unit (lowacc.hardware's module doc), read from the kind's
+# fields; the types' smallest normal exponents and output ranges are the IEEE-style definitions.
+TYPE_MIN_EXP = {'tf32': -126, 'f16': -14, 'bf16': -126, 'e4m3': -6, 'e5m2': -14, 'e3m2': -2,
+                'e2m3': 0, 'e2m1': 0}
+OUTPUT_RANGE = {'f32': (-126, 127), 'f16': (-14, 15)}
+
+
+def _fused_exponent(v: Fraction, min_exp: int, e_zero: int) -> int:
+  return e_zero if v == 0 else max(_floor_log2(abs(v)), min_exp)
+
+
+def fused_step(xs, ws, c: float, kind) -> float:
+  """One fused step: every term aligned to the largest exponent, truncated at kind.fraction_bits
+  below it, summed exactly, rounded into the output type; a zero is +0. A NaN, inf * 0 or
+  inf - inf is NaN, else an infinite term is the result."""
+  specials = [x * w for x, w in zip(xs, ws) if not (math.isfinite(x) and math.isfinite(w))]
+  specials += [] if math.isfinite(c) else [c]
+  if specials:
+    return sum(specials)  # nan, or the one signed infinity (inf - inf: nan)
+  min_out, max_out = OUTPUT_RANGE[kind.output]
+  terms = [(Fraction(x) * Fraction(w),
+            kind.e_zero if x == 0 or w == 0 else
+            _fused_exponent(Fraction(x), TYPE_MIN_EXP[kind.a_type], 0)
+            + _fused_exponent(Fraction(w), TYPE_MIN_EXP[kind.b_type], 0))
+           for x, w in zip(xs, ws)]
+  terms.append((Fraction(c), _fused_exponent(Fraction(c), min_out, kind.e_zero)))
+  quantum = _pow2(max(e for _, e in terms) - kind.fraction_bits)
+  total = sum(math.trunc(v / quantum) * quantum for v, _ in terms)
+  if total == 0:
+    return 0.0
+  q = _pow2(max(_floor_log2(abs(total)), min_out) - kind.out_fraction_bits)
+  n = abs(total) / q
+  kept = math.floor(n)
+  if kind.rounding == 'nearest_even' and (n - kept > Fraction(1, 2)
+                                          or n - kept == Fraction(1, 2) and kept % 2 == 1):
+    kept += 1
+  r = kept * q
+  value = math.inf if r >= _pow2(max_out + 1) else float(r)
+  return -value if total < 0 else value
+
+
+def fused_chain(xs, ws, kind) -> float:
+  """K products in fused steps of kind.group from c = +0, the last group padded with zeros."""
+  c = 0.0
+  for start in range(0, len(xs), kind.group):
+    x = list(xs[start:start + kind.group])
+    w = list(ws[start:start + kind.group])
+    pad = kind.group - len(x)
+    c = fused_step(x + [0.0] * pad, w + [0.0] * pad, c, kind)
+  return c
+
+
+def int_step(s: int, u: int, bits: int, overflow: str):
+  """s + u into a two's-complement accumulator of `bits`: wrapped modulo 2^bits or saturated.
+  -> (value, overflowed)"""
+  lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+  v = s + u
+  if overflow == 'wrap':
+    return (v - lo) % 2 ** bits + lo, not lo <= v <= hi
+  return min(max(v, lo), hi), not lo <= v <= hi
+
+
+def int_chain(xs, ws, acc, chunk, order, combine):
+  """An integer dot: chunks of `chunk` products, each added per product (order 'fma') or summed
+  exactly and then stepped once ('chunk'), the chunk results stepped into `combine` (an IntFormat's
+  fields, or acc). -> (value, overflow count)"""
+  comb = acc if combine == 'acc' else combine
+  total, overflows = 0, 0
+  for start in range(0, len(xs), chunk):
+    products = [int(x) * int(w) for x, w in zip(xs[start:start + chunk], ws[start:start + chunk])]
+    s = 0
+    for u in (products if order == 'fma' else [sum(products)]):
+      s, o = int_step(s, u, acc.bits, acc.overflow)
+      overflows += o
+    total, o = int_step(total, s, comb.bits, comb.overflow)
+    overflows += o
+  return total, overflows

@@ -11,7 +11,7 @@ import pytest
 
 import lowacc
 from lowacc import AccumulatorConfig, FloatFormat
-from lowacc.dot import two_sum
+from lowacc.accumulator import two_sum
 from lowacc.kernels.pallas_fma import fma_dot
 from tests import oracle
 from tests.conftest import assert_bits_equal

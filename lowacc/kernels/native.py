@@ -88,7 +88,7 @@ def available() -> bool:
 def _covered(fmt: Optional[FloatFormat]) -> bool:
   """Formats whose every nonzero result is a float32 normal (float32 subnormals flushed), so
   that a rounding drops a fixed 23 - man_bits bits: the kernel's rounding."""
-  return fmt is None or (
+  return fmt is None or isinstance(fmt, FloatFormat) and (  # the kernel rounds FloatFormats only
       fmt.rounding in _ROUNDINGS and fmt.man_bits < 23
       and (fmt.underflow == 'none' or (fmt.underflow == 'flush' and fmt.min_exp > -126)))
 

@@ -7,13 +7,13 @@ runs chunks of C consecutive k; inside a chunk s <- 0 and, for each k,
 
 and the chunk results are combined in ascending order: T <- round_exact(two_sum(T, s), combine)
 (or T + s in float32 when combine is None), every zero sum signed as IEEE 754 says. K is padded
-to whole chunks with neutral zero products (`lowacc.dot.pad_product`), as `_Chain.layout` does.
+to whole chunks with neutral zero products (`FloatFormat.pad_product`), as `_Chain.layout` does.
 
 The kernel: a grid over (B, M / block_m, N / block_n). Each program keeps its (block_m, block_n)
 accumulator tile and the combine total in registers and walks the contraction with two nested
 `fori_loop`s (chunks, then steps), loading per step one (block_m,) row of x^T and one (block_n,)
 row of w (x is transposed once outside the kernel so that both loads are contiguous). Rounding and
-TwoSum are `lowacc.quantize.round_exact` and `lowacc.dot.two_sum` themselves: plain jnp/lax ops on
+TwoSum are `lowacc.quantize.round_exact` and `lowacc.accumulator.two_sum` themselves: plain jnp/lax ops on
 uint32 bit patterns (bitcast_convert_type, and/or, logical shifts by at most 31,
 comparisons, select), so the kernel body is the XLA path's step, traced once more.
 
@@ -59,8 +59,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lowacc.dot import float32_sum, pad_product, two_sum
-from lowacc.formats import AccumulatorConfig, DotConfig
+from lowacc.accumulator import float32_sum, two_sum
+from lowacc.formats import AccumulatorConfig, DotConfig, FloatFormat
 from lowacc.quantize import round_exact
 
 __all__ = ['fma_dot']
@@ -85,6 +85,9 @@ def _check_config(config) -> AccumulatorConfig:
   if cfg.acc is None:
     raise ValueError('fma_dot: config.acc=None is a plain float32 dot, not an accumulator chain; '
                      'use lax.dot_general')
+  if not isinstance(cfg.acc, FloatFormat):
+    raise ValueError(f'fma_dot: config.acc={cfg.acc.name} is not supported: the kernel runs the '
+                     'FloatFormat kind only; use lowacc.dot_general')
   if cfg.order != 'fma':
     raise ValueError(f"fma_dot: config.order={cfg.order!r} is not supported: the kernel runs "
                      "order='fma' only; use lowacc.dot_general for order='chunk'")
@@ -172,8 +175,8 @@ def _fma_dot(cfg: AccumulatorConfig, bm: int, bn: int, interpret: bool, num_warp
   kp = chunks * chunk
   mp, np_ = -(-m // bm) * bm, -(-n // bn) * bn
   x, w = _flush_subnormal(x), _flush_subnormal(w)
-  # K: padded products pad_product(acc) * (+0), as _Chain.layout. M, N: sliced off below.
-  x = jnp.pad(x, ((0, 0), (0, 0), (0, kp - k)), constant_values=pad_product(cfg.acc))
+  # K: padded products acc.pad_product * (+0), as _Chain.layout. M, N: sliced off below.
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, kp - k)), constant_values=cfg.acc.pad_product)
   x = jnp.pad(x, ((0, 0), (0, mp - m), (0, 0))).transpose(0, 2, 1)  # (B, Kp, Mp)
   w = jnp.pad(w, ((0, 0), (0, kp - k), (0, np_ - n)))  # (B, Kp, Np)
   compiler_params = None

@@ -1,0 +1,331 @@
+"""Matrix units as hardware builds them: the fused dot-product accumulator and its presets.
+
+`FusedDotProduct` is the accumulator kind of NVIDIA's tensor cores as MMA-Sim models them (Xie et
+al., arXiv 2511.10909; its reference `mmasim` 2.1.1, arithmetic `T-FDPA`; also Fasi et al. 2021,
+Khattak and Mikaitis 2025). One step takes a group of L products and the incoming accumulator c:
+
+1. every operand is read in its input type: x = m 2^q exactly, with exponent
+   e_x = max(floor(log2 |x|), e_min of the type) (subnormals keep e_min); products are exact,
+   m_a m_b 2^(q_a + q_b) with exponent e_a + e_b; c likewise in its own type (fp32 or fp16);
+2. a zero term (a zero product, a zero c) gets the exponent `e_zero`, and
+   e_max = the largest exponent among the L + 1 terms (a zero term can be the largest);
+3. each term is truncated toward zero to a multiple of 2^(e_max - F) (F fraction bits below the
+   largest exponent), and the truncated terms are summed exactly;
+4. the sum is normalised and rounded into the output type: 'toward_zero' with `out_fraction_bits`
+   kept (23: fp32; 13 for Ada and Hopper FP8), gradual underflow below 2^-126, overflow to inf;
+   or 'nearest_even' into fp16 (subnormals below 2^-14, overflow to inf);
+5. any NaN, inf * 0, or inf - inf gives the canonical NaN (0x7FFFFFFF, fp16 0x7FFF); otherwise an
+   inf gives that inf; a zero result is +0.
+
+K runs group after group (an instruction of k = n L is n groups; K = k, 2k, ... chains
+instructions), the result of one being c of the next, from c = +0. A short last group is padded
+with zero products, as zero-filled operands in hardware. `mma(arch, instruction, shape_and_type)`
+returns such a chain as an AccumulatorConfig, optionally promoted into an fp32 sum every N
+products (`promote_every`, DeepSeek-V3's two-level accumulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+from jax import lax
+
+from lowacc.accumulator import Accumulator, Flags
+from lowacc.formats import FP32, AccumulatorConfig, FloatFormat, _check_choice, _check_int
+from lowacc.quantize import _exponent_of, _floor_log2, round_exact
+
+# The FP6 and FP4 types (no inf, no NaN; XLA's CPU backend does not convert to them).
+_SMALL = dict(rounding='nearest_even', underflow='subnormal', overflow='saturate')
+# Input types, by mmasim's (PTX's) names: (fraction bits, smallest normal exponent, what rounds
+# a float32 into it: a jnp dtype to cast to, or a FloatFormat). tf32 operands are float32 values
+# truncated to 10 fraction bits (the hardware ignores the low 13 bits).
+INPUT_TYPES = {
+    'tf32': (10, -126, None),
+    'f16': (10, -14, jnp.float16),
+    'bf16': (7, -126, jnp.bfloat16),
+    'e4m3': (3, -6, jnp.float8_e4m3fn),
+    'e5m2': (2, -14, jnp.float8_e5m2),
+    'e3m2': (2, -2, FloatFormat(3, 2, **_SMALL)),
+    'e2m3': (3, 0, FloatFormat(2, 3, **_SMALL)),
+    'e2m1': (1, 0, FloatFormat(2, 1, **_SMALL)),
+}
+# Output (and accumulator) types: (smallest normal exponent, largest exponent, NaN bits in float32).
+OUTPUT_TYPES = {'f32': (-126, 127, 0x7FFFFFFF), 'f16': (-14, 15, 0x7FFFE000)}
+ROUNDINGS = ('toward_zero', 'nearest_even')
+_U32 = jnp.uint32
+_SIGN, _ABS, _INF = 0x80000000, 0x7FFFFFFF, 0x7F800000
+
+
+def to_input_type(x, name: str):
+  """float32 x read as input type `name`: tf32 truncates, the others round to nearest even (FP6
+  and FP4 saturate)."""
+  rounding = INPUT_TYPES[name][2]
+  if rounding is None:
+    bits = lax.bitcast_convert_type(x, _U32) & _U32(0xFFFFE000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+  if isinstance(rounding, FloatFormat):
+    return round_exact(x, None, rounding)[0]
+  return x.astype(rounding).astype(jnp.float32)
+
+
+def _decompose(x, fraction_bits: int, min_exp: int, e_zero: int):
+  """Finite float32 x in a type of `fraction_bits` -> (negative, m, q, e): |x| = m 2^q with
+  m < 2^(fraction_bits + 1), and e = max(floor(log2 |x|), min_exp), or e_zero for a zero."""
+  u = lax.bitcast_convert_type(x, _U32)
+  a = u & _U32(_ABS)
+  biased = lax.shift_right_logical(a, _U32(23)).astype(jnp.int32)
+  m24 = jnp.where(biased > 0, (a & _U32(0x7FFFFF)) | _U32(0x800000), a)
+  drop = 23 - fraction_bits  # trailing bits every value of the type has clear
+  m = lax.shift_right_logical(m24, _U32(drop))
+  q = jnp.maximum(biased, 1) - 150 + drop
+  zero = a == 0
+  e = jnp.where(zero, e_zero, jnp.maximum(_exponent_of(jnp.where(zero, 1.0, x)), min_exp))
+  return u >= _U32(_SIGN), m, q, e
+
+
+def _is_zero(x):
+  """x == 0 from the bits: XLA on the CPU compares float32 subnormals as zeros."""
+  return (lax.bitcast_convert_type(x, _U32) & _U32(_ABS)) == 0
+
+
+def _shift(m, k):
+  """m 2^k truncated toward zero, for uint32 m and int32 k with m 2^k < 2^32."""
+  left = lax.shift_left(m, jnp.clip(k, 0, 31).astype(_U32))
+  right = lax.shift_right_logical(m, jnp.clip(-k, 0, 31).astype(_U32))
+  return jnp.where(k >= 0, left, right)
+
+
+def _bit_length(s):
+  """floor(log2 s) + 1 of uint32 s (0 for s = 0)."""
+  hi = lax.shift_right_logical(s, _U32(16))
+  return jnp.where(hi > 0, 17 + _floor_log2(hi), 1 + _floor_log2(s & _U32(0xFFFF)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedDotProduct(Accumulator):
+  """A matrix unit's fused dot product of `group` products and the accumulator (module doc).
+
+  fraction_bits: F, the bits kept below the largest exponent. e_zero: the exponent of a zero term.
+  a_type, b_type: the operands' input types (INPUT_TYPES). output: 'f32' or 'f16', the type of
+  the result and of the incoming accumulator; c_type: the accumulator's type when the instruction
+  reads c in another type than it writes d (then group must be the instruction's k).
+  rounding: into the output, 'toward_zero' or 'nearest_even'; out_fraction_bits: the bits kept.
+  """
+  fraction_bits: int
+  e_zero: int
+  a_type: str
+  b_type: str
+  group: int = 1
+  output: str = 'f32'
+  rounding: str = 'toward_zero'
+  out_fraction_bits: int = 23
+  c_type: Optional[str] = None
+  orders = ('fma',)
+
+  def __post_init__(self):
+    _check_int(self, 'group', 1)
+    _check_int(self, 'fraction_bits', 0, 30)
+    _check_int(self, 'e_zero', -1000, 1000)
+    for field in ('a_type', 'b_type'):
+      _check_choice('FusedDotProduct', field, getattr(self, field), tuple(INPUT_TYPES))
+    _check_choice('FusedDotProduct', 'output', self.output, tuple(OUTPUT_TYPES))
+    if self.c_type is not None:
+      _check_choice('FusedDotProduct', 'c_type', self.c_type, tuple(OUTPUT_TYPES))
+    _check_choice('FusedDotProduct', 'rounding', self.rounding, ROUNDINGS)
+    _check_int(self, 'out_fraction_bits', 0, 10 if self.output == 'f16' else 23)
+    # The truncated terms are summed in uint32: L products below 2^(F+2) and c below 2^(F+1).
+    largest = 1
+    for name in (self.a_type, self.b_type):
+      largest *= 2 ** (INPUT_TYPES[name][0] + 1) - 1
+    bound = self.group * (largest << self.fraction_bits >> (
+        INPUT_TYPES[self.a_type][0] + INPUT_TYPES[self.b_type][0])) + 2 ** (self.fraction_bits + 1)
+    if bound >= 2 ** 32:
+      raise ValueError(f'FusedDotProduct(group={self.group}, fraction_bits={self.fraction_bits}) '
+                       f'of {self.a_type} x {self.b_type}: the exact sum may reach 2^'
+                       f'{bound.bit_length() - 1}, beyond the 32-bit sum this model keeps')
+
+  @property
+  def name(self) -> str:
+    return (f'FDP{self.group}F{self.fraction_bits}.{self.a_type}.{self.b_type}.{self.output}.'
+            f'{self.rounding}')
+
+  @property
+  def pad_product(self) -> float:
+    return 0.0
+
+  def terms(self, x, w):
+    """The operand slices x (L, B, M), w (L, B, N) read in their input types."""
+    return to_input_type(x, self.a_type), to_input_type(w, self.b_type)
+
+  def step(self, s, u, rand):
+    """c = s (B, M, N) fused with the L products of u = (x (L, B, M), w (L, B, N))."""
+    x, w = u
+    min_out, max_out, nan_bits = OUTPUT_TYPES[self.output]
+    if self.c_type is not None and self.c_type != self.output:
+      s = s.astype(jnp.float16).astype(jnp.float32)  # d written as f32 is read back as f16 c
+    c_min = OUTPUT_TYPES[self.c_type or self.output][0]
+    c_frac = 10 if (self.c_type or self.output) == 'f16' else 23
+    (fa, ma_min, _), (fb, mb_min, _) = INPUT_TYPES[self.a_type], INPUT_TYPES[self.b_type]
+    # Specials are read as zeros here and decided apart below.
+    _, mx, qx, ex = _decompose(jnp.where(jnp.isfinite(x), x, 0.0), fa, ma_min, self.e_zero)
+    _, mw, qw, ew = _decompose(jnp.where(jnp.isfinite(w), w, 0.0), fb, mb_min, self.e_zero)
+    # Products, (L, B, M, N): sign, significand, quantum, exponent (e_zero for a zero).
+    neg = jnp.signbit(x)[..., None] ^ jnp.signbit(w)[:, :, None, :]  # specials' signs too
+    m = mx[..., None] * mw[:, :, None, :]
+    q = qx[..., None] + qw[:, :, None, :]
+    e = jnp.where(m == 0, self.e_zero, ex[..., None] + ew[:, :, None, :])
+    nc, mc, qc, ec = _decompose(jnp.where(jnp.isfinite(s), s, 0.0), c_frac, c_min, self.e_zero)
+    e_max = jnp.maximum(jnp.max(e, axis=0), ec)
+    F = self.fraction_bits
+    t = _shift(m, q + F - e_max)  # truncated toward zero on the magnitude
+    tc = _shift(mc, qc + F - e_max)
+    pos = jnp.sum(jnp.where(neg, _U32(0), t), axis=0) + jnp.where(nc, _U32(0), tc)
+    negs = jnp.sum(jnp.where(neg, t, _U32(0)), axis=0) + jnp.where(nc, tc, _U32(0))
+    negative = negs > pos
+    total = jnp.where(negative, negs - pos, pos - negs)  # exact: |sum| = total 2^(e_max - F)
+
+    # Normalise and round: keep out_fraction_bits below the leading bit (or below min_out).
+    base = e_max - F
+    lead = base + _bit_length(total) - 1
+    p = self.out_fraction_bits
+    quantum = jnp.maximum(lead, min_out) - p
+    drop = quantum - base
+    d = jnp.clip(drop, 0, 32)
+    kept = jnp.where(d >= 32, _U32(0), lax.shift_right_logical(total, jnp.minimum(d, 31)
+                                                              .astype(_U32)))
+    if self.rounding == 'nearest_even':
+      mask = jnp.where(d >= 32, _U32(0xFFFFFFFF),
+                       lax.shift_left(_U32(1), jnp.minimum(d, 31).astype(_U32)) - _U32(1))
+      rem = total & mask
+      half = lax.shift_left(_U32(1), jnp.maximum(d - 1, 0).astype(_U32))
+      up = (d > 0) & (drop <= 32) & ((rem > half) | ((rem == half) & ((kept & _U32(1)) == 1)))
+      kept = kept + up.astype(_U32)
+    r = jnp.where(drop <= 0, _shift(total, -drop), kept)  # |result| = r 2^quantum, r <= 2^(p+1)
+    r_lead = quantum + _bit_length(r) - 1
+    normal_bits = (lax.bitcast_convert_type(r.astype(jnp.float32), jnp.int32)
+                   + lax.shift_left(quantum, 23)).astype(_U32)
+    subnormal_bits = lax.shift_left(r, jnp.clip(quantum + 149, 0, 31).astype(_U32))
+    mag = jnp.where(r_lead < -126, subnormal_bits, normal_bits)
+    over = r_lead > max_out
+    mag = jnp.where(over, _U32(_INF), mag)
+    bits = jnp.where(r == 0, _U32(0), mag | jnp.where(negative, _U32(_SIGN), _U32(0)))
+
+    # Specials: NaN from a NaN, inf * 0 or inf - inf; else the infinity.
+    prod_nan = (jnp.isnan(x)[..., None] | jnp.isnan(w)[:, :, None, :]
+                | (jnp.isinf(x)[..., None] & _is_zero(w)[:, :, None, :])
+                | (_is_zero(x)[..., None] & jnp.isinf(w)[:, :, None, :]))
+    prod_inf = (jnp.isinf(x)[..., None] | jnp.isinf(w)[:, :, None, :]) & ~prod_nan
+    pinf = jnp.any(prod_inf & ~neg, axis=0) | (s == jnp.inf)
+    ninf = jnp.any(prod_inf & neg, axis=0) | (s == -jnp.inf)
+    nan = jnp.any(prod_nan, axis=0) | jnp.isnan(s) | (pinf & ninf)
+    bits = jnp.where(pinf, _U32(_INF), jnp.where(ninf, _U32(_INF | _SIGN), bits))
+    bits = jnp.where(nan, _U32(nan_bits), bits)
+    out = lax.bitcast_convert_type(bits, jnp.float32)
+    finite = ~(nan | pinf | ninf)
+    nonzero_terms = jnp.any(m != 0, axis=0)
+    return out, Flags(sat=finite & over, lost=finite & nonzero_terms & (out == s),
+                      flush=finite & (total != 0) & (r == 0))
+
+
+# Per NVIDIA generation (from mmasim's model): F, the bytes of operands one fused group takes,
+# and e_zero of a zero term for an fp16 output (fp32 outputs: 112 lower).
+ARCHS = ('Volta', 'Turing', 'Ampere', 'Ada Lovelace', 'Hopper', 'Blackwell', 'RTX Blackwell')
+AMD_ARCHS = ('CDNA1', 'CDNA2', 'CDNA3')
+INSTRUCTIONS = {'mma': ARCHS, 'wgmma': ('Hopper',), 'tcgen05.mma': ('Blackwell',),
+                'mfma': AMD_ARCHS}
+_GENERATION = {'Volta': (23, 8, -19), 'Turing': (24, 16, -20), 'Ampere': (24, 16, -20),
+               'Ada Lovelace': (24, 16, -20), 'Hopper': (25, 32, -21), 'Blackwell': (25, 32, -21),
+               'RTX Blackwell': (25, 32, -21)}
+_BYTES = {'tf32': 4, 'f16': 2, 'bf16': 2, 'e4m3': 1, 'e5m2': 1, 'e3m2': 1, 'e2m3': 1, 'e2m1': 1}
+_FP8 = ('e4m3', 'e5m2')
+# Why some instructions have no preset (ValueError from `mma`).
+NOT_MODELLED = {
+    'f64': 'float64 operands: lowacc simulates in float32 containers',
+    'block-scaled': 'block-scaled (MX) instructions take per-block scale operands that '
+                    'dot_general does not carry, and the k=64 ones sum 35 fraction bits, beyond '
+                    "this model's 32-bit sum",
+    'mfma': "AMD's MFMA sums products in other orders (fused pairs, FTZ adds, a second fused "
+            'level) that this model does not cover yet',
+}
+
+
+def _parse(instruction: str, shape_and_type: str):
+  """'m16n8k16[.kind::f16].f32.f16.f16[.f32]' -> (k, d, a, b, c)."""
+  parts = shape_and_type.split('.') if isinstance(shape_and_type, str) else []
+  if any(p.startswith('block') for p in parts):
+    raise ValueError(f'shape_and_type={shape_and_type!r}: {NOT_MODELLED["block-scaled"]}')
+  parts = [p for p in parts if not p.startswith('kind::')]
+  wanted = 5 if instruction == 'mma' else 4
+  shape = parts[0] if parts else ''
+  mnk = shape[1:].replace('n', ' ').replace('k', ' ').split() if shape.startswith('m') else []
+  if len(parts) != wanted or len(mnk) != 3 or not all(v.isdigit() for v in mnk):
+    form = 'm<M>n<N>k<K>.<d>.<a>.<b>' + ('.<c>' if instruction == 'mma' else '')
+    raise ValueError(f'shape_and_type={shape_and_type!r} is invalid for {instruction}: expected '
+                     f"{form} (a '.kind::...' qualifier allowed), e.g. 'm16n8k16.f32.f16.f16.f32'")
+  d, a, b = parts[1:4]
+  c = parts[4] if instruction == 'mma' else d
+  if 'f64' in (d, a, b, c):
+    raise ValueError(f'shape_and_type={shape_and_type!r}: {NOT_MODELLED["f64"]}')
+  for field, value, valid in (('d', d, OUTPUT_TYPES), ('a', a, INPUT_TYPES),
+                              ('b', b, INPUT_TYPES), ('c', c, OUTPUT_TYPES)):
+    if value not in valid:
+      raise ValueError(f'shape_and_type={shape_and_type!r}: {field} type {value!r} is invalid: '
+                       f'valid types are {tuple(valid)}')
+  return int(mnk[2]), d, a, b, c
+
+
+def mma(arch: str, instruction: str, shape_and_type: str,
+        promote_every: Optional[int] = None) -> AccumulatorConfig:
+  """The accumulation of K chained `instruction`s of `arch` (mmasim's names: arch 'Volta' ...
+  'RTX Blackwell', instruction 'mma', 'wgmma' or 'tcgen05.mma', shape_and_type as PTX spells it,
+  e.g. 'm16n8k16.f32.f16.f16.f32', 'm64n8k32.f32.e4m3.e4m3'), as an AccumulatorConfig for
+  `lowacc.dot_general`, `matmul`, `conv_general_dilated`, policies and `simulate`.
+
+  Operands are read in the instruction's input types (nearest-even casts; tf32 truncates), K is
+  chained in fused groups (`FusedDotProduct`) from a zero accumulator, and the result is in the
+  output type. promote_every: add the running sum into an fp32 accumulator (nearest-even) every
+  that many products, restarting the instruction chain from zero (CUTLASS / DeepSeek-V3).
+  Source: MMA-Sim (arXiv 2511.10909), mmasim 2.1.1, which the tests match bit for bit.
+  """
+  if instruction not in INSTRUCTIONS:
+    raise ValueError(f'instruction={instruction!r} is invalid: valid instructions are '
+                     f'{tuple(INSTRUCTIONS)}')
+  if arch not in INSTRUCTIONS[instruction]:
+    raise ValueError(f'arch={arch!r} is invalid for instruction={instruction!r}: valid archs are '
+                     f'{INSTRUCTIONS[instruction]}')
+  if instruction == 'mfma':
+    raise ValueError(f'instruction={instruction!r} on {arch}: {NOT_MODELLED["mfma"]}')
+  k, d, a, b, c = _parse(instruction, shape_and_type)
+  fraction_bits, group_bytes, e_zero = _GENERATION[arch]
+  out_bits = 23
+  group = group_bytes // _BYTES[a]
+  if arch == 'Turing' and shape_and_type.startswith('m8n8k4.'):  # Volta's instruction: its unit
+    fraction_bits, group, e_zero = 23, 4, -19
+  if a in _FP8 and (arch == 'Ada Lovelace' and instruction == 'mma' or instruction == 'wgmma'):
+    fraction_bits, out_bits = 13, 13  # Ada and Hopper FP8 keep 13 fraction bits
+  if d == 'f32':
+    e_zero -= 112
+  rounding = 'nearest_even' if d == 'f16' else 'toward_zero'
+  acc = FusedDotProduct(group=min(k, group), fraction_bits=fraction_bits, e_zero=e_zero,
+                        a_type=a, b_type=b, output=d, rounding=rounding,
+                        out_fraction_bits=10 if d == 'f16' else out_bits,
+                        c_type=None if c == d else c)
+  return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
+                           combine=None if promote_every is None else FP32)
+
+
+def parse(name: str) -> AccumulatorConfig:
+  """The preset named 'arch/instruction/shape_and_type[/promote<N>]', e.g.
+  'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128': `mma` of those fields (how experiments name
+  a hardware accumulator)."""
+  fields = name.split('/') if isinstance(name, str) else []
+  promote = None
+  if len(fields) == 4 and fields[3].startswith('promote') and fields[3][7:].isdigit():
+    promote = int(fields.pop()[7:])
+  if len(fields) != 3:
+    raise ValueError(f"hardware accumulator {name!r} is invalid: expected "
+                     "'arch/instruction/shape_and_type[/promote<N>]', e.g. "
+                     "'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128'")
+  return mma(*fields, promote_every=promote)

@@ -1,0 +1,249 @@
+"""lowacc.hardware against mmasim (MMA-Sim's bit-accurate reference) and the exact oracle.
+
+Every (arch, instruction, shape_and_type) in mmasim's own tables is either a preset, checked bit
+for bit on normal, wide-range, heavy-cancellation and special-value operands at one instruction's
+k and at K = 3k (instructions chained through c), or one of the families `NOT_MODELLED` names.
+"""
+
+import functools
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import lowacc
+from lowacc import hardware
+from tests import oracle
+from tests.conftest import assert_bits_equal
+
+torch = pytest.importorskip('torch')
+mmasim = pytest.importorskip('mmasim')
+from mmasim import nv_ptx  # noqa: E402
+from mmasim.amd import isa_mfma  # noqa: E402
+from mmasim.nv_ptx import isa_mma, isa_tcgen05mma, isa_wgmma  # noqa: E402
+
+BATCHED = (((2,), (1,)), ((0,), (0,)))
+# Input types: ml_dtypes type to draw values in, torch type mmasim takes (None: uint8 codes).
+TYPES = {'tf32': (np.float32, torch.float32), 'f16': (np.float16, torch.float16),
+         'bf16': (ml_dtypes.bfloat16, torch.bfloat16),
+         'e4m3': (ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
+         'e5m2': (ml_dtypes.float8_e5m2, torch.float8_e5m2),
+         'e3m2': (ml_dtypes.float6_e3m2fn, None), 'e2m3': (ml_dtypes.float6_e2m3fn, None),
+         'e2m1': (ml_dtypes.float4_e2m1fn, None)}
+ROWS = 48  # dot products per input kind
+
+
+def _nv_table():
+  """(instruction, arch, shape_and_type, block_scaled) of every NVIDIA entry in mmasim."""
+  for instruction, tables in (
+      ('mma', ((isa_mma.mma_shape_and_type, False),
+               (isa_mma.mma_block_scale_shape_and_type, True))),
+      ('wgmma', ((isa_wgmma.wgmma_shape_and_type, False),)),
+      ('tcgen05.mma', ((isa_tcgen05mma.tcgen05mma_shape_and_type, False),
+                       (isa_tcgen05mma.tcgen05mma_block_scale_shape_and_type, True)))):
+    for table, block in tables:
+      for arch, shapes in table.items():
+        for shape_and_type in shapes:
+          yield instruction, arch, shape_and_type, block
+
+
+def _numerics_key(instruction, arch, shape_and_type):
+  """The entry with m and n dropped: they do not change a dot product's arithmetic."""
+  shape, rest = shape_and_type.split('.', 1)
+  return instruction, arch, shape[shape.index('k'):], rest
+
+
+def _distinct(entries):
+  seen = {}
+  for entry in entries:
+    seen.setdefault(_numerics_key(*entry[:3]), entry)
+  return list(seen.values())
+
+
+NV = _distinct(_nv_table())
+MODELLED = [e for e in NV if not e[3] and 'f64' not in e[2]]
+
+
+def test_every_mmasim_entry_is_a_preset_or_a_named_exclusion():
+  for instruction, arch, shape_and_type, block in NV:
+    if block or 'f64' in shape_and_type:
+      reason = hardware.NOT_MODELLED['block-scaled' if block else 'f64']
+      with pytest.raises(ValueError, match='block-scaled' if block else 'float64'):
+        hardware.mma(arch, instruction, shape_and_type)
+      assert reason
+    else:
+      assert isinstance(hardware.mma(arch, instruction, shape_and_type).acc,
+                        hardware.FusedDotProduct)
+  for arch, suffixes in isa_mfma.arch_mfma_suffix.items():
+    for suffix in suffixes:
+      with pytest.raises(ValueError, match='MFMA'):
+        hardware.mma(arch, 'mfma', suffix)
+
+
+def _in_type(v, name):
+  return np.asarray(v, np.float32).astype(TYPES[name][0]).astype(np.float32)
+
+
+def _operands(name, k_total, rng):
+  """(4 * ROWS, K) values of type `name`: normal, wide-range, cancelling, special."""
+  fraction_bits, min_exp, _ = hardware.INPUT_TYPES[name]
+  finfo = ml_dtypes.finfo(TYPES[name][0]) if name != 'tf32' else np.finfo(np.float32)
+  max_exp = int(np.log2(float(finfo.max)))
+  shape = (ROWS, k_total)
+  normal = rng.standard_normal(shape)
+  e = rng.integers(min_exp - fraction_bits, max_exp + 1, shape)
+  wide = rng.choice([-1, 1], shape) * (1 + rng.random(shape)) * np.exp2(e)
+  half = k_total // 2
+  cancel = rng.standard_normal(shape)
+  cancel[:, half:2 * half] = -cancel[:, :half]  # x_i w_i - x_i w_i: exact cancellation
+  special = rng.standard_normal(shape) * np.exp2(rng.integers(min_exp - 2, 2, shape))
+  specials = [0.0, -0.0, float(finfo.tiny) / 2 ** min(fraction_bits, 2)]
+  if name in ('tf32', 'f16', 'bf16', 'e5m2'):
+    specials += [np.inf, -np.inf, np.nan]
+  elif name == 'e4m3':
+    specials += [np.nan]
+  hit = rng.random(shape) < 0.08
+  special[hit] = rng.choice(np.array(specials), hit.sum())
+  with np.errstate(over='ignore', invalid='ignore'):
+    values = np.concatenate([normal, wide, cancel, special]).astype(np.float32)
+    return values if name == 'tf32' else _in_type(values, name)
+
+
+def _cancelling_partner(w):
+  """w with its second half a copy of its first, so that x's negated copy cancels."""
+  w = w.copy()
+  half = w.shape[1] // 2
+  rows = slice(2 * ROWS, 3 * ROWS)
+  w[rows, half:2 * half] = w[rows, :half]
+  return w
+
+
+def _to_mmasim(v, name):
+  dtype = TYPES[name][1]
+  if dtype is not None:
+    return torch.from_numpy(v).to(dtype)
+  codes = v.astype(TYPES[name][0]).view(np.uint8)
+  return torch.from_numpy(codes << 2 if name == 'e2m1' else codes)  # fp4 sits in bits 5:2
+
+
+def _operation(instruction, arch, shape_and_type):
+  cls = {'mma': nv_ptx.MMA, 'wgmma': nv_ptx.WGMMA, 'tcgen05.mma': nv_ptx.TCGen05MMA}[instruction]
+  return cls(arch, shape_and_type)
+
+
+@functools.cache
+def _case(a_type, b_type, k_total):
+  rng = np.random.default_rng(zlib.crc32(f"{a_type} {b_type} {k_total}".encode()))
+  x = _operands(a_type, k_total, rng)
+  w = _cancelling_partner(_operands(b_type, k_total, rng))
+  return x, w
+
+
+def _reference(op, x, w, a_type, b_type):
+  """mmasim: instructions of k chained through c from +0 (c read in the instruction's c type)."""
+  c = torch.zeros(x.shape[0], dtype=op.c_type)
+  for i in range(0, x.shape[1], op.k):
+    c = op.dpa(_to_mmasim(x[:, i:i + op.k], a_type), _to_mmasim(w[:, i:i + op.k], b_type),
+               c.to(op.c_type))
+  return c.float().numpy()
+
+
+@pytest.mark.parametrize('entry', MODELLED, ids=lambda e: f'{e[1]}:{e[0]}:{e[2]}')
+def test_preset_equals_mmasim(entry):
+  instruction, arch, shape_and_type, _ = entry
+  op = _operation(instruction, arch, shape_and_type)
+  cfg = hardware.mma(arch, instruction, shape_and_type)
+  for chained in (1, 3):
+    x, w = _case(op.a_type_ptx, op.b_type_ptx, op.k * chained)
+    expected = _reference(op, x, w, op.a_type_ptx, op.b_type_ptx)
+    y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+    bad = np.flatnonzero(y.view(np.uint32) != expected.view(np.uint32))
+    assert bad.size == 0, (f'K={x.shape[1]}: {bad.size} of {y.size} differ, first rows {bad[:4]}: '
+                           f'got {y[bad[:4]]}, mmasim {expected[bad[:4]]}')
+
+
+ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'),
+                ('wgmma', 'Hopper', 'm64n8k32.f32.e4m3.e5m2'),
+                ('mma', 'Ampere', 'm16n8k8.f32.bf16.bf16.f32'),
+                ('mma', 'Volta', 'm8n8k4.f16.f16.f16.f16'),
+                ('mma', 'RTX Blackwell', 'm16n8k32.kind::f8f6f4.f16.e2m1.e3m2.f16'),
+                ('mma', 'Ampere', 'm16n8k4.f32.tf32.tf32.f32')]
+
+
+@pytest.mark.parametrize('entry', ORACLE_CASES, ids=lambda e: f'{e[1]}:{e[0]}:{e[2]}')
+def test_oracle_agrees_with_mmasim_and_lowacc(entry):
+  """The exact-rational fused sum, on finite normal, wide-range and cancelling rows."""
+  op = _operation(*entry)
+  cfg = hardware.mma(entry[1], entry[0], entry[2])
+  x, w = _case(op.a_type_ptx, op.b_type_ptx, op.k * 2)
+  rows = np.r_[0:4, ROWS:ROWS + 6, 2 * ROWS:2 * ROWS + 4]
+  x, w = x[rows], w[rows]
+  expected = _reference(op, x, w, op.a_type_ptx, op.b_type_ptx)
+  tf32 = lambda v: (v.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+  read = lambda v, name: tf32(v) if name == 'tf32' else v  # the oracle takes typed operands
+  exact = np.array([oracle.fused_chain([float(v) for v in xi], [float(v) for v in wi], cfg.acc)
+                    for xi, wi in zip(read(x, op.a_type_ptx), read(w, op.b_type_ptx))],
+                   np.float32)
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(exact, expected, 'oracle against mmasim')  # the oracle's NaN is any NaN
+  np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+
+
+def test_promotion_every_n_products_adds_into_float32():
+  """Hopper FP8 with promotion every 128 products: mmasim's chain from zero per 128 products,
+  each partial added into a float32 sum (numpy, nearest even)."""
+  arch, instruction, shape = 'Hopper', 'wgmma', 'm64n8k32.f32.e4m3.e4m3'
+  op = _operation(instruction, arch, shape)
+  rng = np.random.default_rng(3)
+  x = _in_type(rng.standard_normal((16, 384)), 'e4m3')
+  w = _in_type(rng.standard_normal((16, 384)), 'e4m3')
+  expected = np.zeros(16, np.float32)
+  for i in range(0, 384, 128):
+    expected = expected + _reference(op, x[:, i:i + 128], w[:, i:i + 128], 'e4m3', 'e4m3')
+  cfg = hardware.mma(arch, instruction, shape, promote_every=128)
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+  unpromoted = _reference(op, x, w, 'e4m3', 'e4m3')
+  assert not np.array_equal(unpromoted, expected)  # promotion changes results here
+
+
+def test_counters_and_gradients_go_through_the_kind():
+  """fp16 output overflow counts as sat where mmasim gives inf from finite operands; the
+  identity gradient is the exact dot's, immediate_of zeroes the products of saturated steps."""
+  import jax
+  arch, instruction, shape = 'Hopper', 'mma', 'm16n8k16.f16.f16.f16.f16'
+  op = _operation(instruction, arch, shape)
+  rng = np.random.default_rng(4)
+  x = _in_type(rng.standard_normal((32, 16)) * 200, 'f16')
+  w = _in_type(rng.standard_normal((32, 16)) * 200, 'f16')
+  overflowed = np.isinf(_reference(op, x, w, 'f16', 'f16'))
+  assert 0 < overflowed.sum() < 32
+  cfg = hardware.mma(arch, instruction, shape)
+  xs, ws = x[:, None, :], w[:, :, None]
+  stats = lowacc.accumulation_stats(xs, ws, BATCHED, cfg)
+  assert stats['steps'] == 32 and int(stats['sat']) == overflowed.sum()
+  loss = lambda cfg: lambda x: lowacc.dot_general(x, ws, BATCHED, cfg).sum()
+  np.testing.assert_array_equal(jax.grad(loss(cfg))(xs)[:, 0], w)
+  g = np.asarray(jax.grad(loss(cfg.replace(ste='immediate_of')))(xs))[:, 0]
+  np.testing.assert_array_equal(g, np.where(overflowed[:, None], 0.0, w))
+
+
+@pytest.mark.parametrize('args, field', [
+    (('Hopper', 'wmma', 'm16n8k16.f32.f16.f16.f32'), 'instruction'),
+    (('Hoppr', 'mma', 'm16n8k16.f32.f16.f16.f32'), 'arch'),
+    (('Ampere', 'wgmma', 'm64n8k16.f32.f16.f16'), 'arch'),
+    (('Hopper', 'mma', 'm16n8k16.f32.f16.f16'), 'shape_and_type'),
+    (('Hopper', 'mma', 'm16n8k16.f32.f17.f16.f32'), 'a type'),
+    (('Hopper', 'mma', 'm16n8k16.f64.f64.f64.f64'), 'float64')])
+def test_bad_names_are_one_clear_error(args, field):
+  with pytest.raises(ValueError, match=field):
+    hardware.mma(*args)
+
+
+def test_experiments_name_presets_by_their_fields():
+  cfg = hardware.parse('Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128')
+  assert cfg == hardware.mma('Hopper', 'wgmma', 'm64n8k32.f32.e4m3.e4m3', promote_every=128)
+  assert hardware.parse('RTX Blackwell/mma/m16n8k16.f32.bf16.bf16.f32').acc.group == 16
+  with pytest.raises(ValueError, match='arch/instruction/shape_and_type'):
+    hardware.parse('Hopper/m64n8k32.f32.e4m3.e4m3')

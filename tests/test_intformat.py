@@ -1,0 +1,95 @@
+"""IntFormat, the integer accumulator kind: against lax's integer dot and the exact oracle.
+
+APyTypes 0.5.1 is not a reference here: its APyFixedAccumulatorContext(int_bits=16, overflow=WRAP
+or SAT) returned 40000 for four 100 x 100 products (neither wrapped nor saturated), so the oracle's
+plain-Python integers stand in for it.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import lowacc
+from lowacc import AccumulatorConfig, IntFormat
+from tests import oracle
+
+BATCHED = (((2,), (1,)), ((0,), (0,)))
+
+
+def int8(shape, seed):
+  return np.random.default_rng(seed).integers(-128, 128, shape).astype(np.int8)
+
+
+@pytest.mark.parametrize('order', ['fma', 'chunk'])
+def test_wrap_equals_lax_integer_dot(order):
+  """Wrapping is associative: any chunking gives lax's int16 dot, and int32's modulo 2^20."""
+  x, w = int8((1, 6, 700), 0), int8((1, 700, 5), 1)
+  exact = lax.dot_general(x, w, BATCHED, preferred_element_type=jnp.int32)
+  for bits, dtype in ((16, jnp.int16), (20, None)):
+    cfg = AccumulatorConfig(acc=IntFormat(bits, 'wrap'), chunk_size=16, order=order)
+    y = np.asarray(lowacc.dot_general(x, w, BATCHED, cfg))
+    if dtype is not None:
+      expected = np.asarray(lax.dot_general(x, w, BATCHED, preferred_element_type=dtype))
+    else:
+      expected = (np.asarray(exact, np.int64) + 2 ** 19) % 2 ** 20 - 2 ** 19
+    np.testing.assert_array_equal(y, expected.astype(np.float32))
+
+
+@pytest.mark.parametrize('acc, chunk, order, combine', [
+    (IntFormat(12, 'saturate'), 16, 'fma', 'acc'),
+    (IntFormat(12, 'wrap'), 8, 'fma', IntFormat(16, 'saturate')),
+    (IntFormat(14, 'saturate'), 8, 'chunk', IntFormat(18, 'saturate')),
+    (IntFormat(10, 'saturate'), 5, 'chunk', 'acc')])
+def test_equals_oracle_with_counters(acc, chunk, order, combine):
+  x, w = int8((1, 4, 40), 2), int8((1, 40, 3), 3)
+  x[0, 0] = 127  # a row of equal signs, to overflow
+  w[0, :, 0] = 127
+  cfg = AccumulatorConfig(acc=acc, chunk_size=chunk, order=order, combine=combine)
+  y = np.asarray(lowacc.dot_general(x, w, BATCHED, cfg))
+  stats = lowacc.accumulation_stats(x, w, BATCHED, cfg)
+  expected, overflows = np.zeros((4, 3)), 0
+  for m, n in itertools.product(range(4), range(3)):
+    expected[m, n], o = oracle.int_chain(x[0, m], w[0, :, n], acc, chunk, order, combine)
+    overflows += o
+  np.testing.assert_array_equal(y[0], expected)
+  assert int(stats['sat']) == overflows > 0
+
+
+def test_identity_gradient_and_bad_fields():
+  x, w = int8((1, 3, 20), 4).astype(np.float32), int8((1, 20, 2), 5).astype(np.float32)
+  cfg = AccumulatorConfig(acc=IntFormat(8, 'saturate'), chunk_size=None)
+  g = jax.grad(lambda x: lowacc.dot_general(x, w, BATCHED, cfg).sum())(x)
+  np.testing.assert_array_equal(g, np.broadcast_to(w.sum(2)[:, None, :], x.shape))
+  with pytest.raises(ValueError, match='IntFormat.bits=32'):
+    IntFormat(32)
+  with pytest.raises(ValueError, match="IntFormat.overflow='clip'"):
+    IntFormat(16, 'clip')
+
+
+@pytest.mark.parametrize('scaling', lowacc.formats.INT_SCALINGS)
+def test_integer_inputs_make_integer_products(scaling):
+  """IntQuant operands: numpy's symmetric int8 quantization, their int64 dot wrapped into 16 bits,
+  times the two scales (in float32)."""
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((1, 5, 64)).astype(np.float32)
+  w = (rng.standard_normal((1, 64, 3)) * np.array([1, 10, 100])).astype(np.float32)
+  iq = lowacc.IntQuant(8, scaling)
+  cfg = AccumulatorConfig(acc=IntFormat(16, 'wrap'), chunk_size=None, lhs=iq, rhs=iq)
+  y = np.asarray(lowacc.dot_general(x, w, BATCHED, cfg))
+
+  def quantize(v, axis):
+    amax = np.abs(v).max(axis=None if scaling.startswith('per_tensor') else axis, keepdims=True)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    if scaling.endswith('_pow2'):
+      scale = np.exp2(np.ceil(np.log2(scale))).astype(np.float32)
+    return np.clip(np.rint(v / scale), -127, 127).astype(np.int64), scale
+
+  (qx, sx), (qw, sw) = quantize(x, 2), quantize(w, 1)
+  total = (np.einsum('bmk,bkn->bmn', qx, qw) + 2 ** 15) % 2 ** 16 - 2 ** 15
+  np.testing.assert_array_equal(y, total.astype(np.float32) * (sx * sw))
+  g = jax.grad(lambda x: lowacc.dot_general(x, w, BATCHED, cfg).sum())(x)
+  assert np.all(np.isfinite(g)) and np.any(g != 0)
