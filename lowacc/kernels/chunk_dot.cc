@@ -44,8 +44,8 @@ constexpr int64_t kBlockRows = 256;  // rows of one work item
 enum Rounding : int64_t { kNearestEven = 0, kTowardZero = 1, kUp = 2, kDown = 3 };
 enum Overflow : int64_t { kOverflowNone = 0, kOverflowInf = 1, kSaturate = 2 };
 // Template arguments in place of a Rounding: chosen at run time (Round switches on f.rounding),
-// and no product rounding.
-constexpr int64_t kAnyRounding = -1, kNoProduct = -2;
+// and no product rounding; in place of an Overflow: any, handled without branches.
+constexpr int64_t kAnyRounding = -1, kNoProduct = -2, kAnyOverflow = -1;
 constexpr uint32_t kInfBits = 0x7F800000u;
 
 // A format as lowacc.kernels.native encodes it:
@@ -57,6 +57,8 @@ struct Format {
   // inf's bits, which no magnitude but NaN's exceeds (and NaN is restored after).
   uint32_t over, big_pos, big_neg;
   __mmask16 keep_inf;
+  bool saturate;
+  bool m0;
   int64_t rounding;
 
   static Format Of(ffi::Span<const int64_t> f) {
@@ -70,7 +72,9 @@ struct Format {
     r.parity = f[0] == 0 ? static_cast<uint32_t>(f[5]) : 0u;
     const uint32_t limit = static_cast<uint32_t>(f[4]);
     r.over = f[2] == kOverflowNone ? kInfBits : limit;
-    r.keep_inf = f[2] == kSaturate ? 0 : 0xFFFF;
+    r.saturate = f[2] == kSaturate;
+    r.m0 = f[0] == 0;
+    r.keep_inf = r.saturate ? 0 : 0xFFFF;
     // IEEE 754's directed-rounding rule: toward_zero gives +-max_normal, `down` +max_normal for
     // positive results and `up` -max_normal for negative ones; +-max_normal under 'saturate'.
     const bool saturate = f[2] == kSaturate, tz = r.rounding == kTowardZero;
@@ -82,27 +86,64 @@ struct Format {
 
 // v[i] <- the exact value v[i] + lo[i] (|lo| <= ulp(v) / 2) rounded once into f, for n vectors
 // (with_lo=false: v[i] alone): lowacc.quantize.round_exact. kR: f.rounding, fixed at compile
-// time so that the hot loops have no branches, or kAnyRounding.
-template <int64_t kR, bool with_lo, int n>
+// time so that the hot loops have no branches, or kAnyRounding; kO: kSaturate where f saturates
+// and has man_bits >= 1 (one min), else kAnyOverflow.
+template <int64_t kR, int64_t kO, bool with_lo, int n>
 LOWACC_AVX512 inline void Round(__m512* v, const __m512* lo, const Format& f) {
   if constexpr (kR == kAnyRounding) {
     switch (f.rounding) {
-      case kNearestEven: return Round<kNearestEven, with_lo, n>(v, lo, f);
-      case kTowardZero: return Round<kTowardZero, with_lo, n>(v, lo, f);
-      case kUp: return Round<kUp, with_lo, n>(v, lo, f);
-      default: return Round<kDown, with_lo, n>(v, lo, f);
+      case kNearestEven: return Round<kNearestEven, kO, with_lo, n>(v, lo, f);
+      case kTowardZero: return Round<kTowardZero, kO, with_lo, n>(v, lo, f);
+      case kUp: return Round<kUp, kO, with_lo, n>(v, lo, f);
+      default: return Round<kDown, kO, with_lo, n>(v, lo, f);
+    }
+  } else if constexpr (kO == kSaturate && !with_lo) {
+    // Saturating formats on the signed value: rounding up is a carry of an added constant out
+    // of the dropped bits (as below), the `and` with `keep` truncates the magnitude and keeps the
+    // sign, a masked `and` flushes to a signed zero, min and max saturate (infinities too). NaN
+    // lanes take no add, so the `and` leaves them NaN: every value rounded here comes from a
+    // float32 multiply or add, which quiets NaN, and man_bits >= 1 (TileForAcc,
+    // TileForProductRounding) keeps the quiet bit; min and max return their NaN operand.
+    const __m512 keep = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(~f.mask)));
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+    const __m512 max = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(f.over)));
+    const __m512 min = _mm512_or_ps(max, sign);
+    const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1);
+    const __m512i mask = _mm512_set1_epi32(static_cast<int>(f.mask));
+    const __m512i flush_below = _mm512_set1_epi32(static_cast<int>(f.flush_below));
+#pragma GCC unroll 16
+    for (int i = 0; i < n; ++i) {
+      __m512i u = _mm512_castps_si512(v[i]);
+      if constexpr (kR != kTowardZero) {
+        const __mmask16 number = _mm512_cmp_ps_mask(v[i], v[i], _CMP_ORD_Q);
+        if constexpr (kR == kNearestEven) {  // + half - 1 + odd
+          const __mmask16 odd = _mm512_mask_test_epi32_mask(
+              number, u, _mm512_set1_epi32(static_cast<int>(f.mask + 1u)));
+          u = _mm512_mask_add_epi32(u, number, u,
+                                    _mm512_set1_epi32(static_cast<int>(f.half - 1u)));
+          u = _mm512_mask_add_epi32(u, odd, u, one);
+        } else {  // + mask where the rounding is away from zero
+          const __mmask16 negative = _mm512_movepi32_mask(u);
+          u = _mm512_mask_add_epi32(
+              u, number & (kR == kDown ? negative : static_cast<__mmask16>(~negative)), u, mask);
+        }
+      }
+      __m512 t = _mm512_and_ps(_mm512_castsi512_ps(u), keep);
+      const __mmask16 tiny =
+          _mm512_cmplt_epu32_mask(_mm512_and_si512(_mm512_castps_si512(t), abs), flush_below);
+      t = _mm512_mask_and_ps(t, tiny, t, sign);
+      v[i] = _mm512_max_ps(min, _mm512_min_ps(max, t));
     }
   } else {
     const __m512i abs = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(kInfBits);
     const __m512i one = _mm512_set1_epi32(1), mask = _mm512_set1_epi32(static_cast<int>(f.mask));
-    const __m512i ulp = _mm512_set1_epi32(static_cast<int>(f.mask + 1u));
 #pragma GCC unroll 16
     for (int i = 0; i < n; ++i) {
       const __m512i u = _mm512_castps_si512(v[i]);
       __m512i a = _mm512_and_si512(u, abs);
       const __mmask16 nan = _mm512_cmpgt_epu32_mask(a, inf);
       // An exact infinity, unless lo is NaN: a finite sum beyond float32, overflowing as one.
-      __mmask16 infinite = _mm512_cmpeq_epi32_mask(a, inf), sticky = 0, up = 0;
+      __mmask16 infinite = _mm512_cmpeq_epi32_mask(a, inf), sticky = 0;
       const __mmask16 negative = _mm512_movepi32_mask(u);
       if constexpr (with_lo) {
         const __m512i lu = _mm512_castps_si512(lo[i]);
@@ -112,28 +153,37 @@ LOWACC_AVX512 inline void Round(__m512* v, const __m512* lo, const Format& f) {
         const __mmask16 below = sticky & _mm512_movepi32_mask(_mm512_xor_si512(lu, u));
         a = _mm512_mask_sub_epi32(a, below, a, one);
       }
-      if constexpr (kR == kNearestEven) {  // rem + (sticky | odd) > half
-        const __m512i odd = _mm512_add_epi32(
-            _mm512_srl_epi32(a, _mm_cvtsi32_si128(static_cast<int>(f.dropped))),
-            _mm512_set1_epi32(static_cast<int>(f.parity)));
-        const __m512i t = _mm512_mask_mov_epi32(_mm512_and_si512(odd, one), sticky, one);
-        up = _mm512_cmpgt_epu32_mask(_mm512_add_epi32(_mm512_and_si512(a, mask), t),
-                                     _mm512_set1_epi32(static_cast<int>(f.half)));
+      // Rounding up is a carry out of the dropped bits rem into the kept ones (and on into the
+      // exponent): nearest_even rounds up iff rem + (sticky | odd) > half, i.e. iff adding
+      // half - 1 + (sticky | odd) carries; up/down round away iff rem or sticky is nonzero, i.e.
+      // iff adding mask + sticky carries. An infinity has rem = 0 and odd = 0 (man_bits > 0; for
+      // M0 a carry out of inf's exponent lands in the quiet bit, which mask drops).
+      if constexpr (kR == kNearestEven) {
+        const __m512i odd = _mm512_and_si512(
+            _mm512_add_epi32(_mm512_srl_epi32(a, _mm_cvtsi32_si128(static_cast<int>(f.dropped))),
+                             _mm512_set1_epi32(static_cast<int>(f.parity))), one);
+        const __m512i t = with_lo ? _mm512_mask_mov_epi32(odd, sticky, one) : odd;
+        const __m512i below_half = _mm512_set1_epi32(static_cast<int>(f.half - 1u));
+        a = _mm512_add_epi32(_mm512_add_epi32(a, below_half), t);
       } else if constexpr (kR != kTowardZero) {
-        const __mmask16 inexact = _mm512_test_epi32_mask(a, mask) | sticky;
-        up = inexact & (kR == kDown ? negative : static_cast<__mmask16>(~negative));
+        const __mmask16 away = kR == kDown ? negative : static_cast<__mmask16>(~negative);
+        a = _mm512_mask_add_epi32(a, away, a, mask);
+        if constexpr (with_lo) a = _mm512_mask_add_epi32(a, away & sticky, a, one);
       }
       __m512i mag = _mm512_andnot_si512(mask, a);
-      if constexpr (kR != kTowardZero) mag = _mm512_mask_add_epi32(mag, up, mag, ulp);
       mag = _mm512_maskz_mov_epi32(
           _mm512_cmpge_epu32_mask(mag, _mm512_set1_epi32(static_cast<int>(f.flush_below))), mag);
-      const __mmask16 over =
-          _mm512_mask_cmpgt_epu32_mask(static_cast<__mmask16>(~(infinite & f.keep_inf)), mag,
-                                       _mm512_set1_epi32(static_cast<int>(f.over)));
-      const __m512i big = _mm512_mask_mov_epi32(_mm512_set1_epi32(static_cast<int>(f.big_pos)),
-                                                negative,
-                                                _mm512_set1_epi32(static_cast<int>(f.big_neg)));
-      mag = _mm512_mask_mov_epi32(mag, over, big);
+      if constexpr (kO == kSaturate) {  // infinities too become +-max_normal
+        mag = _mm512_min_epu32(mag, _mm512_set1_epi32(static_cast<int>(f.over)));
+      } else {
+        const __mmask16 over =
+            _mm512_mask_cmpgt_epu32_mask(static_cast<__mmask16>(~(infinite & f.keep_inf)), mag,
+                                         _mm512_set1_epi32(static_cast<int>(f.over)));
+        const __m512i big = _mm512_mask_mov_epi32(
+            _mm512_set1_epi32(static_cast<int>(f.big_pos)), negative,
+            _mm512_set1_epi32(static_cast<int>(f.big_neg)));
+        mag = _mm512_mask_mov_epi32(mag, over, big);
+      }
       const __m512i signed_mag = _mm512_ternarylogic_epi32(u, abs, mag, 0xBA);  // sign | mag
       v[i] = _mm512_castsi512_ps(_mm512_mask_mov_epi32(signed_mag, nan, u));
     }
@@ -169,13 +219,13 @@ LOWACC_AVX512 inline __m512 SumError(__m512 a, __m512 b, __m512 hi) {
 // sum of a value of s's format and one of u's exact, so the TwoSum error is 0 and Round needs no
 // sticky bit; the sum is then also never a flushed float32 subnormal, so its zero is IEEE's
 // (x + -x = +0, -0 + -0 = -0), float32_sum's sign except under `down`.
-template <int64_t kR, int n>
+template <int64_t kR, int64_t kO, int n>
 LOWACC_AVX512 inline void Step(__m512* s, const __m512* u, const Format& f, bool exact) {
   const bool down = kR == kAnyRounding ? f.rounding == kDown : kR == kDown;
   if (exact) {
 #pragma GCC unroll 16
     for (int i = 0; i < n; ++i) s[i] = Sum(s[i], u[i], down, down);
-    Round<kR, false, n>(s, s, f);
+    Round<kR, kO, false, n>(s, s, f);
     return;
   }
   __m512 lo[n];
@@ -185,7 +235,7 @@ LOWACC_AVX512 inline void Step(__m512* s, const __m512* u, const Format& f, bool
     lo[i] = SumError(s[i], u[i], hi);
     s[i] = hi;
   }
-  Round<kR, true, n>(s, lo, f);
+  Round<kR, kO, true, n>(s, lo, f);
 }
 
 enum Order : int64_t { kOrderChunk = 0, kOrderFma = 1 };
@@ -208,8 +258,9 @@ struct Problem {
 // (k x kCols). Each chunk's inner chain keeps its 2R vectors in registers: order 'chunk' sums
 // the products in float32 (fused multiply-adds without product rounding) and rounds the partial
 // once; order 'fma' takes one Step per product. The combine chain's total stays in L1.
-// kAccR, kProdR: the roundings of acc (order 'fma') and product, fixed for the inner loop.
-template <int R, bool kFma, int64_t kAccR, int64_t kProdR>
+// kAccR, kAccO, kProdR, kProdO: the roundings and overflows of acc (order 'fma') and product,
+// fixed for the inner loop.
+template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO>
 LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float* y, int rows,
                         int cols) {
   constexpr int kVectors = 2 * R;
@@ -232,9 +283,9 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
           continue;
         }
         __m512 u[2] = {_mm512_mul_ps(xv, w0), _mm512_mul_ps(xv, w1)};  // p_k of _Chain.products
-        if constexpr (kProdR != kNoProduct) Round<kProdR, false, 2>(u, u, p.product);
+        if constexpr (kProdR != kNoProduct) Round<kProdR, kProdO, false, 2>(u, u, p.product);
         if constexpr (kFma) {
-          Step<kAccR, 2>(c + 2 * r, u, p.acc, p.exact_step);
+          Step<kAccR, kAccO, 2>(c + 2 * r, u, p.acc, p.exact_step);
         } else {
           c[2 * r] = _mm512_add_ps(c[2 * r], u[0]);
           c[2 * r + 1] = _mm512_add_ps(c[2 * r + 1], u[1]);
@@ -248,14 +299,14 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
       if constexpr (!kFma) {  // s = Q_acc(P), P summed from +0 (float32_sum(+0, P): a zero is +0)
 #pragma GCC unroll 16
         for (int i = 0; i < kGroup; ++i) s[i] = Sum(_mm512_setzero_ps(), s[i], false);
-        Round<kAnyRounding, false, kGroup>(s, s, p.acc);
+        Round<kAnyRounding, kAnyOverflow, false, kGroup>(s, s, p.acc);
       }
       float* t = &total[0][0] + 16 * g;
       __m512 ts[kGroup];
 #pragma GCC unroll 16
       for (int i = 0; i < kGroup; ++i) ts[i] = _mm512_load_ps(t + 16 * i);
       if (p.has_combine) {
-        Step<kAnyRounding, kGroup>(ts, s, p.combine, p.exact_combine);
+        Step<kAnyRounding, kAnyOverflow, kGroup>(ts, s, p.combine, p.exact_combine);
       } else {
 #pragma GCC unroll 16
         for (int i = 0; i < kGroup; ++i) ts[i] = Sum(ts[i], s[i], false);
@@ -267,36 +318,47 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
   for (int r = 0; r < rows; ++r) std::memcpy(y + r * p.n, total[r], cols * sizeof(float));
 }
 
-// The Tile instance for p's order and roundings: 8 rows for 'chunk' without product rounding
-// (16 partials and two w vectors fill the registers), 4 where roundings need room.
-template <int64_t kProdR>
-void TileFor(Problem& p) {
-  constexpr int R = kRows / 2;
-  p.tile_rows = R;
+// The Tile instance for p's order, roundings and overflows: 8 rows for 'chunk' without product
+// rounding (16 partials and two w vectors fill the registers), 4 where roundings need room.
+template <int64_t kProdR, int64_t kProdO, int64_t kAccR>
+void TileForAcc(Problem& p) {
+  p.tile = p.acc.saturate && !p.acc.m0 ? &Tile<kRows / 2, true, kAccR, kSaturate, kProdR, kProdO>
+                          : &Tile<kRows / 2, true, kAccR, kAnyOverflow, kProdR, kProdO>;
+}
+
+template <int64_t kProdR, int64_t kProdO>
+void TileForProduct(Problem& p) {
+  p.tile_rows = kRows / 2;
   if (!p.fma) {
-    p.tile = &Tile<R, false, kAnyRounding, kProdR>;
+    p.tile = &Tile<kRows / 2, false, kAnyRounding, kAnyOverflow, kProdR, kProdO>;
     return;
   }
   switch (p.acc.rounding) {
-    case kNearestEven: p.tile = &Tile<R, true, kNearestEven, kProdR>; break;
-    case kTowardZero: p.tile = &Tile<R, true, kTowardZero, kProdR>; break;
-    case kUp: p.tile = &Tile<R, true, kUp, kProdR>; break;
-    default: p.tile = &Tile<R, true, kDown, kProdR>; break;
+    case kNearestEven: return TileForAcc<kProdR, kProdO, kNearestEven>(p);
+    case kTowardZero: return TileForAcc<kProdR, kProdO, kTowardZero>(p);
+    case kUp: return TileForAcc<kProdR, kProdO, kUp>(p);
+    default: return TileForAcc<kProdR, kProdO, kDown>(p);
   }
+}
+
+template <int64_t kProdR>
+void TileForProductRounding(Problem& p) {
+  if (p.product.saturate && !p.product.m0) return TileForProduct<kProdR, kSaturate>(p);
+  TileForProduct<kProdR, kAnyOverflow>(p);
 }
 
 void TileFor(Problem& p) {
   if (!p.has_product && !p.fma) {
-    p.tile = &Tile<kRows, false, kAnyRounding, kNoProduct>;
+    p.tile = &Tile<kRows, false, kAnyRounding, kAnyOverflow, kNoProduct, kAnyOverflow>;
     p.tile_rows = kRows;
     return;
   }
   switch (p.has_product ? p.product.rounding : kNoProduct) {
-    case kNoProduct: return TileFor<kNoProduct>(p);
-    case kNearestEven: return TileFor<kNearestEven>(p);
-    case kTowardZero: return TileFor<kTowardZero>(p);
-    case kUp: return TileFor<kUp>(p);
-    default: return TileFor<kDown>(p);
+    case kNoProduct: return TileForProduct<kNoProduct, kAnyOverflow>(p);
+    case kNearestEven: return TileForProductRounding<kNearestEven>(p);
+    case kTowardZero: return TileForProductRounding<kTowardZero>(p);
+    case kUp: return TileForProductRounding<kUp>(p);
+    default: return TileForProductRounding<kDown>(p);
   }
 }
 
