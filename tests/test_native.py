@@ -258,8 +258,10 @@ def kernel_config(order, rounding, underflow, overflow, i):
   j = ROUNDINGS.index(rounding) + i
   product = PRODUCTS[j % len(PRODUCTS)]
   uf, of = COVERED_RANGES[(j + 1) % len(COVERED_RANGES)]
-  if underflow == 'flush' and overflow != 'none':  # the paper's pair: exact sums, the fast path
-    product, uf, of = PRODUCTS[1], 'flush', OVERFLOWS[j % 2]
+  if underflow == 'flush' and overflow != 'none':
+    # The paper's pair (exact sums: the fast path), or its product one binade lower (bias 13),
+    # just past native.exact_sum's bound: sums of a large acc and a small product are inexact.
+    product, uf, of = dict(PRODUCTS[1], bias=12 + j // 2 % 2), 'flush', OVERFLOWS[j % 2]
   if product is not None:
     product = FloatFormat(**product, rounding=ROUNDINGS[(j + 2) % 4], underflow=uf, overflow=of)
   combine = COMBINES[j % 3]
@@ -325,3 +327,20 @@ def test_paper_preset_specials_equal_xla_path_and_oracle():
   assert_bits_equal(native.dot(x, w, cfg), want, 'oracle')
   zeros = np.asarray(native.dot(x, w, cfg))[0, 2:4]  # rows of zeros, but 0 * inf = NaN
   assert not np.signbit(zeros[~np.isnan(zeros)]).any()  # +0: the chain starts at +0
+
+
+@pytest.mark.parametrize('rounding', ROUNDINGS)
+def test_fast_path_only_where_sums_are_exact(rounding):
+  # Products down to 2^-23 meet an accumulator near 2^5, whose float32 ulp is 2^-18: there
+  # fl32(s + p) = s loses p, and only TwoSum's sticky bit rounds s + p correctly. A predicate
+  # that let this pair take the fast path fails here.
+  acc = lowacc.PAPER_ACC.replace(rounding=rounding)
+  product = FloatFormat(5, 2, bias=24, rounding=rounding, underflow='flush', overflow='saturate')
+  cfg = AccumulatorConfig(acc=acc, product=product, chunk_size=None)
+  assert not native.exact_sum(acc, product)
+  x = np.full((1, 4, 9), 2.0 ** -12, np.float32)
+  x[0, :, 0] = 40.0
+  w = np.array([1.0] + [-2.0 ** -11] * 8, np.float32)[None, :, None] * np.array(
+      [1, -1, 3, -3], np.float32)[None, None, :]
+  assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), rounding)
+  assert_bits_equal(native.dot(x, w, cfg), oracle_dot(x, w, cfg)[0], f'{rounding} oracle')
