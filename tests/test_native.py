@@ -271,13 +271,20 @@ def kernel_config(order, rounding, underflow, overflow, i):
 
 
 def boundary_operands(cfg, seed):
-  """x (1, 6, 37), w (1, 37, 35): products across the acc's range, a column block of x and a row
-  of w from boundary_inputs (ties, ulps either side, overflow boundaries, zeros, inf, NaN)."""
+  """x (1, 6, 37), w (1, 37, 35): products across the acc's range, rows of x and a row of w
+  from boundary_inputs (ties, ulps either side, min_normal, overflow boundaries, zeros, inf, NaN)
+  of the acc and the product format, and a column of w of ones, where the products are those
+  values themselves."""
   x, w = operands(cfg.acc, (1, 6, 37), (1, 37, 35), seed)
   edge = boundary_inputs(cfg.acc, 6 * 37 + 35, seed)
   x[0, 5, :] = edge[:37]  # one row of edge values meets every column
   w[0, 3, :] = edge[37:72]
+  x[0, 4, :] = boundary_inputs(cfg.product or cfg.acc, 6 * 37, seed + 1)[:37]
+  for i, f in enumerate(filter(None, (cfg.product, cfg.acc))):  # each format's range ends
+    x[0, 4, 8 * i:8 * i + 8] = [f.min_normal, -f.min_normal, f.max_normal, -f.max_normal,
+                                f.min_normal * 1.5, f.min_normal / 2, 0.0, -0.0]
   x[0, 0, 30:] = 1.0  # one row whose last products are w's own values
+  w[0, :, 0] = 1.0
   return x, w
 
 
