@@ -189,7 +189,8 @@ def test_dot_general_takes_the_kernel_only_where_it_applies(monkeypatch):
       paper.replace(acc=lowacc.FP16),  # subnormal underflow
       paper.replace(product=lowacc.BF16),
       paper.replace(order='chunk', combine=lowacc.FP16),
-      paper.replace(product=FloatFormat(8, 23, underflow='none', overflow='inf')),  # man_bits 23: no bit dropped
+      # man_bits 23: no bit dropped
+      paper.replace(product=FloatFormat(8, 23, underflow='none', overflow='inf')),
       paper.replace(acc=paper.acc.replace(exp_bits=8, bias=127, overflow='inf')),  # flush at 2^-126
   ]
   assert not any(map(native.supports, uncovered))

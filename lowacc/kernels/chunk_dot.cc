@@ -1,4 +1,4 @@
-// Simulated GEMMs on the CPU as one XLA FFI kernel: y = the simulated dot x (B, M, K) . w (B, K, N).
+// Simulated GEMMs on the CPU, one XLA FFI kernel: y = the simulated dot x (B, M, K) . w (B, K, N).
 //
 // The chain of spec section 3, per output element, for both orders:
 // - 'fma' (the paper's FMAq): p_k = Q_prod(fl32(x_k w_k)) (or fl32 without product rounding),
@@ -86,11 +86,14 @@ struct Format {
 
 // v[i] <- the exact value v[i] + lo[i] (|lo| <= ulp(v) / 2) rounded once into f, for n vectors
 // (with_lo=false: v[i] alone): lowacc.quantize.round_exact. kR: f.rounding, fixed at compile
-// time so that the hot loops have no branches, or kAnyRounding; kO: kSaturate where f saturates
-// and has man_bits >= 1 (one min), else kAnyOverflow.
+// time so that the hot loops have no branches, or kAnyRounding (which also picks kSaturate where
+// it applies); kO: kSaturate where f saturates and has man_bits >= 1, else kAnyOverflow.
 template <int64_t kR, int64_t kO, bool with_lo, int n>
 LOWACC_AVX512 inline void Round(__m512* v, const __m512* lo, const Format& f) {
   if constexpr (kR == kAnyRounding) {
+    if constexpr (kO == kAnyOverflow && !with_lo) {
+      if (f.saturate && !f.m0) return Round<kAnyRounding, kSaturate, with_lo, n>(v, lo, f);
+    }
     switch (f.rounding) {
       case kNearestEven: return Round<kNearestEven, kO, with_lo, n>(v, lo, f);
       case kTowardZero: return Round<kTowardZero, kO, with_lo, n>(v, lo, f);
@@ -102,8 +105,8 @@ LOWACC_AVX512 inline void Round(__m512* v, const __m512* lo, const Format& f) {
     // of the dropped bits (as below), the `and` with `keep` truncates the magnitude and keeps the
     // sign, a masked `and` flushes to a signed zero, min and max saturate (infinities too). NaN
     // lanes take no add, so the `and` leaves them NaN: every value rounded here comes from a
-    // float32 multiply or add, which quiets NaN, and man_bits >= 1 (TileForAcc,
-    // TileForProductRounding) keeps the quiet bit; min and max return their NaN operand.
+    // float32 multiply or add, which quiets NaN, and man_bits >= 1 (kSaturate is only chosen
+    // then) keeps the quiet bit; min and max return their NaN operand.
     const __m512 keep = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(~f.mask)));
     const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
     const __m512 max = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(f.over)));
