@@ -224,6 +224,9 @@ def test_vmap_and_gradient_through_the_kernel(kind):
   dx, dw = jax.grad(lambda a, b: jax.numpy.vdot(dot(a, b), g), argnums=(0, 1))(x[0], w[0])
   assert_bits_equal(dx, g @ w[0].T, 'dx')
   assert_bits_equal(dw, x[0].T @ g, 'dw')
+  # Second order differentiates the forward (the kernel): the exact dot's derivative.
+  loss = lambda a: jax.numpy.vdot(dot(a, w[0]), g)
+  assert_bits_equal(jax.jvp(jax.grad(loss), (x[0],), (x[0],))[1], np.zeros_like(x[0]), 'jvp')
 
 
 @pytest.mark.parametrize('kind', KINDS)

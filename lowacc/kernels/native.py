@@ -166,11 +166,14 @@ def _fields(fmt: Optional[FloatFormat]) -> np.ndarray:
 def dot(x, w, cfg: AccumulatorConfig):
   """The simulated forward of `cfg` (order 'fma' or 'chunk') on canonical float32 x (B, M, K),
   w (B, K, N) -> (B, M, N), on the CPU, for a config that `supports` accepts. Under vmap, the
-  vmapped axis joins B: one kernel call for the whole batch."""
+  vmapped axis joins B: one kernel call for the whole batch. Its result is piecewise constant in
+  x and w, as the XLA path's integer rounding is, so its derivative is zero (an FFI call has
+  none): lowacc.dot attaches the estimator's tangent, and second-order derivatives, which
+  differentiate the forward, pass through."""
   if not supports(cfg):
     raise ValueError(f'lowacc.kernels.native.dot: not supported here: {cfg} '
                      f'(kernel available: {available()})')
-  return _batched_call(cfg)(x, w)
+  return _batched_call(cfg)(jax.lax.stop_gradient(x), jax.lax.stop_gradient(w))
 
 
 @functools.cache
