@@ -20,6 +20,9 @@ from lowacc.dot import _Chain, _forward
 
 CHUNK = lowacc.PAPER_M7E4.replace(order='chunk', product=None)  # M7E4, chunk 16, one rounding
 FMA = lowacc.PAPER_M7E4  # the paper's FMAq with product rounding
+_NEAREST = dict(rounding='nearest_even')
+FMA_NEAREST = FMA.replace(acc=FMA.acc.replace(**_NEAREST), product=FMA.product.replace(**_NEAREST))
+CHUNK_PRODUCT = lowacc.PAPER_M7E4.replace(order='chunk')  # each product rounded, then chunk sums
 
 
 def keep_freed_memory():
@@ -88,7 +91,9 @@ def gemm(n=1024):
                       a, b, CHUNK.replace(chunk_size=None))), (x, w)),
                   'xla path': (jax.jit(_xla_chunk_path), (x, w))})
   slow = best_times({'float32': (jax.jit(jnp.dot), (x, w)),
-                     'fma': (jax.jit(dot['fma']), (x, w))}, repeats=2)
+                     **{name: (jax.jit(lambda a, b, cfg=cfg: lowacc.matmul(a, b, cfg)), (x, w))
+                        for name, cfg in (('fma', FMA), ('fma nearest', FMA_NEAREST),
+                                          ('chunk product', CHUNK_PRODUCT))}}, repeats=3)
   macs = n ** 3
   return {f'gemm{n} chunk fwd': dict(ratio=t['chunk'] / t['float32'],
                                      gmac_per_s=macs / t['chunk'] / 1e9),
@@ -97,7 +102,12 @@ def gemm(n=1024):
           f'gemm{n} chunk fwd, one chunk (chunk_size None)': dict(
               ratio=t['one chunk'] / t['float32']),
           f'gemm{n} fma fwd': dict(ratio=slow['fma'] / slow['float32'],
-                                   gmac_per_s=macs / slow['fma'] / 1e9)}
+                                   gmac_per_s=macs / slow['fma'] / 1e9),
+          f'gemm{n} fma fwd, nearest_even': dict(ratio=slow['fma nearest'] / slow['float32'],
+                                                 gmac_per_s=macs / slow['fma nearest'] / 1e9),
+          f'gemm{n} chunk fwd, product rounding': dict(
+              ratio=slow['chunk product'] / slow['float32'],
+              gmac_per_s=macs / slow['chunk product'] / 1e9)}
 
 
 def resnet_conv(batch=8):
@@ -127,13 +137,14 @@ def machine() -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--out', help='write the figures as JSON here')
+  parser.add_argument('--gemm-only', action='store_true', help='skip the ResNet-18 conv')
   args = parser.parse_args()
-  results = {**gemm(), **resnet_conv()}
+  results = {**gemm(), **({} if args.gemm_only else resnet_conv())}
   print(f'machine: {machine()}')
-  print(f'{"benchmark":<34} {"x float32":>10} {"G MAC/s":>9}')
+  print(f'{"benchmark":<44} {"x float32":>10} {"G MAC/s":>9}')
   for name, r in results.items():
     gmacs = f'{r["gmac_per_s"]:.3f}' if 'gmac_per_s' in r else '-'
-    print(f'{name:<34} {r["ratio"]:>10.1f} {gmacs:>9}')
+    print(f'{name:<44} {r["ratio"]:>10.1f} {gmacs:>9}')
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(dict(machine=machine(), results=results), f, indent=1)

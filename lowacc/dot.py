@@ -252,7 +252,7 @@ def _accumulate_fwd(cfg: DotConfig, x, w, key):
   elif native.supports(fwd) and not recursive and not _sharded(x, w):
     # The native CPU kernel on the CPU, this XLA path elsewhere (equal where both are defined).
     y, last = lax.platform_dependent(
-        x, w, cpu=lambda x, w: _vary(native.chunk_dot(x, w, fwd), x, w),
+        x, w, cpu=lambda x, w: _vary(native.dot(x, w, fwd), x, w),
         default=lambda x, w: _forward(_Chain.layout(fwd, x, w, key), False)[0]), None
   else:
     y, last = _forward(_Chain.layout(fwd, x, w, key), recursive)

@@ -1,18 +1,22 @@
-"""order='chunk' through the native CPU kernel (chunk_dot.cc), an XLA FFI custom call.
+"""The forward of simulated GEMMs through the native CPU kernel (chunk_dot.cc), an XLA FFI call.
 
-`lowacc.dot` runs the forward of order='chunk' GEMMs through `chunk_dot` on the CPU when
-`supports(cfg)`: the kernel was built (by `pip install`; it needs a C++17 compiler), the CPU
-has AVX-512, and the config is one the kernel covers. Everywhere else it runs its XLA path,
-which stays the reference: the tests hold the two equal bit for bit wherever the chunk partials
-are exact (the contract leaves the order of the additions inside a chunk unspecified, so only
-there is equality defined).
+`lowacc.dot` runs the forward of a GEMM through `dot` on the CPU when `supports(cfg)`: the
+kernel was built (by `pip install`; it needs a C++17 compiler), the CPU has AVX-512, and the
+config is one the kernel covers: order 'fma' (the paper's FMAq) and order 'chunk', with or
+without product rounding. Everywhere else it runs its XLA path, which stays the reference: the
+tests hold the two equal bit for bit. Order 'fma' and 'chunk' with product rounding add in the
+XLA path's order, so they are equal on any operands; 'chunk' without product rounding sums a
+chunk with fused multiply-adds, equal wherever the chunk partials are exact (the contract leaves
+the order of the additions inside a chunk unspecified, so only there is equality defined).
 """
 
 from __future__ import annotations
 
 import ctypes
+import fractions
 import functools
 import importlib.util
+import itertools
 import struct
 import warnings
 from typing import Optional
@@ -24,11 +28,13 @@ import numpy as np
 from lowacc.formats import AccumulatorConfig, FloatFormat
 from lowacc.quantize import limit_bits
 
-__all__ = ['available', 'chunk_dot', 'supports']
+__all__ = ['available', 'dot', 'exact_sum', 'supports']
 
 _TARGET = 'lowacc_chunk_dot'
 _ROUNDINGS = {'nearest_even': 0, 'toward_zero': 1, 'up': 2, 'down': 3}
 _OVERFLOWS = {'none': 0, 'inf': 1, 'saturate': 2}
+_ORDERS = {'chunk': 0, 'fma': 1}
+_F32_MAX = (2 ** 24 - 1) * 2 ** 104
 
 
 def _elf_problem(path: str) -> Optional[str]:
@@ -94,10 +100,58 @@ def _covered(fmt: Optional[FloatFormat]) -> bool:
 
 
 def supports(cfg: AccumulatorConfig) -> bool:
-  """Whether `chunk_dot` computes this config's forward: order 'chunk' without product
-  rounding, deterministic roundings of covered formats, and the kernel available."""
-  return (cfg.order == 'chunk' and cfg.product is None and cfg.acc is not None
-          and _covered(cfg.acc) and _covered(cfg.combine_format) and available())
+  """Whether `dot` computes this config's forward: order 'fma' or 'chunk', acc, product and
+  combine formats that are None (float32) or `_covered` (deterministic rounding, man_bits < 23,
+  underflow 'flush' above float32's normal range or 'none'), and the kernel available."""
+  return (cfg.order in _ORDERS and cfg.acc is not None and _covered(cfg.acc)
+          and _covered(cfg.product) and _covered(cfg.combine_format) and available())
+
+
+def _binades(fmt: Optional[FloatFormat]):
+  """(lowest, highest) exponent of the nonzero finite values of a covered format (None: float32)
+  as the kernel sees them: float32 normals only (FTZ/DAZ), so underflow 'none' reaches 2^-126 and
+  overflow 'none' 2^127."""
+  if fmt is None:
+    return -126, 127
+  return (fmt.min_exp if fmt.underflow == 'flush' else -126,
+          127 if fmt.overflow == 'none' else fmt.max_exp)
+
+
+@functools.cache
+def exact_sum(a: Optional[FloatFormat], b: Optional[FloatFormat]) -> bool:
+  """Whether the float32 sum of any finite value of format `a` and any of format `b` (None:
+  float32) is exact, so that a chain step Q(s + u) may round fl32(s + u) alone, without TwoSum.
+
+  Proof. Take nonzero a in binade 2^ea (quantum 2^qa, qa = ea - Ma) and b in binade 2^eb
+  (qb = eb - Mb). a + b is an integer multiple N of 2^q, q = min(qa, qb), with |N| <= (2^(ea+1) -
+  2^qa + 2^(eb+1) - 2^qb) / 2^q, attained by the two largest values of the binades. If that
+  bound is <= 2^24, and the bound on |a + b| itself is <= float32's max, a + b is a float32, or
+  a float32 subnormal: which FTZ would flush. A nonzero a + b is >= 2^q_min, q_min = the least
+  quantum of both formats, so q_min >= -126 rules that out. (With a zero operand the sum is
+  the other operand.) For fixed eb, the bound on N grows with ea where qa >= qb and falls where
+  qa < qb, so over the rectangle of binades it peaks at a corner: the four corners decide.
+  Infinities and NaN add exactly in float32 as in the exact chain.
+
+  Only exact sums take the fast path: where a float32 sum can be inexact, rounding it and then
+  rounding into the format is not the exact rounding in general (under toward_zero, a + b with
+  b negative and below half a float32 ulp of a rounds back to a, whose truncation is a, while
+  the exact truncation is the grid point below a), so those pairs run TwoSum with a sticky bit.
+  A wider criterion (b's smallest normal above half a float32 ulp of any a, so that float32
+  rounding keeps the sticky information) would admit more pairs, e.g. M7E4b10 with an M7E4b13
+  product, where the tests found the two paths equal; it is not proven here, so not used.
+  """
+  (la, ha), (lb, hb) = _binades(a), _binades(b)
+  ma, mb = (23 if f is None else f.man_bits for f in (a, b))
+  if min(la - ma, lb - mb) < -126:
+    return False
+  for ea, eb in itertools.product((la, ha), (lb, hb)):
+    qa, qb = ea - ma, eb - mb
+    q = min(qa, qb)
+    # Exact integers in units of 2^q (q may be negative): |a| + |b| <= top / 2^-q.
+    top = (2 ** (ea + 1 - q) - 2 ** (qa - q)) + (2 ** (eb + 1 - q) - 2 ** (qb - q))
+    if top > 2 ** 24 or fractions.Fraction(top) * fractions.Fraction(2) ** q > _F32_MAX:
+      return False
+  return True
 
 
 def _fields(fmt: Optional[FloatFormat]) -> np.ndarray:
@@ -109,14 +163,17 @@ def _fields(fmt: Optional[FloatFormat]) -> np.ndarray:
                    flush_below, limit_bits(fmt), (fmt.bias + 1) % 2], np.int64)
 
 
-def chunk_dot(x, w, cfg: AccumulatorConfig):
-  """The forward of order='chunk' on canonical float32 x (B, M, K), w (B, K, N) -> (B, M, N),
-  on the CPU, for a config that `supports` accepts. Under vmap, the vmapped axis joins B: one
-  kernel call for the whole batch."""
+def dot(x, w, cfg: AccumulatorConfig):
+  """The simulated forward of `cfg` (order 'fma' or 'chunk') on canonical float32 x (B, M, K),
+  w (B, K, N) -> (B, M, N), on the CPU, for a config that `supports` accepts. Under vmap, the
+  vmapped axis joins B: one kernel call for the whole batch. Its result is piecewise constant in
+  x and w, as the XLA path's integer rounding is, so its derivative is zero (an FFI call has
+  none): lowacc.dot attaches the estimator's tangent, and second-order derivatives, which
+  differentiate the forward, pass through."""
   if not supports(cfg):
-    raise ValueError(f'lowacc.kernels.native.chunk_dot: not supported here: {cfg} '
+    raise ValueError(f'lowacc.kernels.native.dot: not supported here: {cfg} '
                      f'(kernel available: {available()})')
-  return _batched_call(cfg)(x, w)
+  return _batched_call(cfg)(jax.lax.stop_gradient(x), jax.lax.stop_gradient(w))
 
 
 @functools.cache
@@ -126,8 +183,11 @@ def _batched_call(cfg: AccumulatorConfig):
     b, m, k = x.shape
     chunk = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
     ffi = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, m, w.shape[2]), jnp.float32))
-    return ffi(x, w, chunk=np.int64(max(chunk, 1)), acc=_fields(cfg.acc),
-               combine=_fields(cfg.combine_format))
+    comb = cfg.combine_format
+    return ffi(x, w, chunk=np.int64(max(chunk, 1)), order=np.int64(_ORDERS[cfg.order]),
+               acc=_fields(cfg.acc), product=_fields(cfg.product), combine=_fields(comb),
+               exact_step=np.int64(exact_sum(cfg.acc, cfg.product)),
+               exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)))
 
   @call.def_vmap
   def fold_batch(axis_size, in_batched, x, w):
