@@ -2,13 +2,31 @@
 small run of the experiments (a sweep and an estimator study) that several test files read."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
-import numpy as np
-import pytest
+# Every process of a test session (pytest-xdist's workers and the subprocesses tests start)
+# shares one persistent compilation cache, new for the session, so what one process compiled
+# the others load instead of compiling it again. Set before jax is imported.
+_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='lowacc-jax-cache-')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
-from lowacc import FloatFormat
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from lowacc import FloatFormat  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+
+
+def pytest_unconfigure(config):
+  if _CACHE is not None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def assert_bits_equal(actual, expected, context=''):
@@ -88,3 +106,28 @@ def small_results(tmp_path_factory):
                   '--epochs=0.1', '--hidden=16', f'--out={root / "estimators"}'], cwd=repo,
                  check=True, capture_output=True)
   return root, export
+
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist (`-n`, with --dist loadgroup), tests that share one of our module- or
+  session-scoped fixtures, directly or through another test, run on one worker, so each such
+  fixture is built once; every other test goes to whichever worker is free."""
+  parent = {}
+
+  def root(key):
+    while parent.setdefault(key, key) != key:
+      key = parent[key]
+    return key
+
+  shared = {}
+  for item in items:
+    shared[item] = [f'{d.baseid}::{name}' for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                    for d in defs[-1:]
+                    if d.scope in ('module', 'session') and (d.baseid or '').startswith('tests')]
+    for key in shared[item][1:]:
+      parent[root(key)] = root(shared[item][0])
+  for item, keys in shared.items():
+    if keys:
+      item.add_marker(pytest.mark.xdist_group(root(keys[0])))
