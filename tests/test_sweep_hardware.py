@@ -2,6 +2,8 @@
 bad preset or width before any work, and one point of each scored on a tiny model."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -83,3 +85,17 @@ def test_a_preset_and_an_integer_register_score_on_a_tiny_model(tmp_path):
   assert rows[2]['layers']['fc']['sat'] > 0
   table = open(tmp_path / 's.md').read()
   assert f'| {HOPPER_FP8} | ' in table and '| 12 | - | ' in table
+
+
+def test_the_sweep_command_refuses_a_bad_width_in_one_line(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for flag, error in (('--int_widths=16,x', '--int_widths=16,x: expected a list of integers'),
+                      ('--int_widths=16,30', '--axes=integer point INT30w: IntFormat.bits=30 is '
+                                             'invalid: must be in [2, 23]')):
+    run = subprocess.run([sys.executable, '-m', 'experiments.sweep', '--config=configs/demo.py',
+                          f'--out={tmp_path / "s"}', '--axes=integer', flag], cwd=repo,
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith(f'sweep.py: error: {error}')
+    assert len(run.stderr.strip().splitlines()) == 1
+  assert not os.path.exists(tmp_path / 's.points.jsonl')
