@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 
 from experiments import state  # noqa: E402
 from lowacc import hardware  # noqa: E402
-from lowacc.formats import FloatFormat  # noqa: E402
+from lowacc.formats import FloatFormat, IntFormat  # noqa: E402
 
 
 class MetricLog:
@@ -63,10 +63,13 @@ def save_results(workdir: str, config, results: dict):
 
 
 def bits(fmt: str) -> int:
-  """Bits of 'M7E4b10' (1 + 7 + 4), of a hardware preset's output type; float32 is 32."""
+  """Bits of 'M7E4b10' (1 + 7 + 4), of 'INT16s' (16), of a hardware preset's output type;
+  float32 is 32."""
   try:
     if '/' in fmt:
       return 16 if hardware.parse(fmt).acc.output == 'f16' else 32
+    if fmt.startswith('INT'):
+      return IntFormat.parse(fmt).bits
     return FloatFormat.parse(fmt).width
   except ValueError:
     return 32

@@ -10,6 +10,12 @@ Axes (--axes), each point otherwise config.accumulator's settings:
   bias      M7E4 with accumulator bias 4..14 (the product bias follows, + product_bias_offset)
   chunk     M7E4b10 with chunk sizes 1..128 and one chunk of the whole contraction
   rounding  M7E4b10 with each deterministic rounding mode
+  hardware  each matrix-unit preset of --presets ('arch/instruction/shape_and_type[/promote<N>]',
+            `lowacc.hardware.parse`): its own input types and chain
+  integer   INT<bits>w and INT<bits>s for each width of --int_widths: an integer register that
+            wraps or saturates, accumulating the whole contraction (one chunk), over int8
+            symmetric per-tensor inputs (experiments.train.INT_INPUTS), so products are exact
+The hardware and integer axes run only when --axes names them.
 --model is a model export (<workdir>/models/<phase>); empty: config.pretrained's weights.
 Writes <out>.json and <out>.md; finished points are kept in <out>.points.jsonl, so a killed sweep
 resumes where it stopped. <out>.state/ holds the sweep's lock and its manifest: the model's path and
@@ -50,16 +56,33 @@ flags.mark_flags_as_required(['config', 'out'])
 flags.DEFINE_list('mantissas', [str(m) for m in range(3, 11)], 'Mantissa bits of the width axis.')
 flags.DEFINE_list('exponents', ['3', '4', '5', '6'], 'Exponent bits of the width axis.')
 
+# The hardware axis's default: the fp16 and bf16 units of four NVIDIA generations (fp32 and fp16
+# outputs) and Hopper's FP8 wgmma, without and with DeepSeek-V3's promotion every 128 products.
+PRESETS = ('Volta/mma/m8n8k4.f32.f16.f16.f32', 'Volta/mma/m8n8k4.f16.f16.f16.f16',
+           'Ampere/mma/m16n8k16.f32.f16.f16.f32', 'Ampere/mma/m16n8k16.f32.bf16.bf16.f32',
+           'Ampere/mma/m16n8k16.f16.f16.f16.f16',
+           'Hopper/wgmma/m64n8k16.f32.f16.f16', 'Hopper/wgmma/m64n8k16.f32.bf16.bf16',
+           'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3', 'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128',
+           'Blackwell/tcgen05.mma/m64n8k16.f32.f16.f16',
+           'Blackwell/tcgen05.mma/m64n8k16.f32.bf16.bf16')
+INT_WIDTHS = (12, 14, 16, 18, 20, 22)
+flags.DEFINE_list('presets', list(PRESETS), 'Matrix-unit presets of the hardware axis.')
+flags.DEFINE_list('int_widths', [str(b) for b in INT_WIDTHS],
+                  'Register bits of the integer axis (2..23).')
 
-def axes(mantissas=range(3, 11), exponents=range(3, 7)) -> dict[str, list[dict]]:
+
+def axes(mantissas=range(3, 11), exponents=range(3, 7), presets=PRESETS,
+         int_widths=INT_WIDTHS) -> dict[str, list[dict]]:
   """Each axis's points: the accumulator settings that differ from config.accumulator's."""
-  mantissas = tuple(mantissas)
+  mantissas, int_widths = tuple(mantissas), tuple(int_widths)
   return {
     'width': [dict(format=f'M{m}E{e}') for e in exponents for m in mantissas],
     'bias': [dict(format=f'M7E4b{b}') for b in range(4, 15)],
     'chunk': [dict(format='M7E4b10', chunk_size=c) for c in (1, 2, 4, 8, 16, 32, 64, 128, 0)],
     'rounding': [dict(format='M7E4b10', rounding=r)
                  for r in ('toward_zero', 'nearest_even', 'down', 'up')],
+    'hardware': [dict(format=p) for p in presets],
+    'integer': [dict(format=f'INT{b}{o}', chunk_size=0) for o in 'ws' for b in int_widths],
   }
 
 
@@ -229,6 +252,18 @@ def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
               '|---|---|']
       out += [f"| {r[field] if r[field] != 0 else 'none'} | {100 * r['metric']:.2f} |"
               for r in axis_rows]
+  hardware = [r for r in rows if r['axis'] == 'hardware']
+  if hardware:
+    out += ['', f'## Zero-shot {name} (%) under matrix-unit presets', '',
+            f'| preset | {name} |', '|---|---|']
+    out += [f"| {r['format']} | {100 * r['metric']:.2f} |" for r in hardware]
+  integer = {r['format']: r['metric'] for r in rows if r['axis'] == 'integer'}
+  if integer:
+    widths = sorted({int(f[3:-1]) for f in integer})
+    out += ['', f'## Zero-shot {name} (%) of an integer accumulator over int8 inputs', '',
+            '| bits | wrap | saturate |', '|---|---|---|']
+    out += ['| '.join([f'| {b} '] + [f'{100 * integer[f]:.2f} ' if f in integer else '- '
+                                      for f in (f'INT{b}w', f'INT{b}s')]) + '|' for b in widths]
   if tuned:
     out += ['', f'## Two-stage fine-tuning ({name}, %)', '',
             '| accumulator | bits | float32 | zero-shot | stage 1 | stage 2 |', '|---' * 6 + '|']
@@ -279,7 +314,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   grid = axes(cli.integers('mantissas', FLAGS.mantissas),
-              cli.integers('exponents', FLAGS.exponents))
+              cli.integers('exponents', FLAGS.exponents), FLAGS.presets,
+              cli.integers('int_widths', FLAGS.int_widths))
   sweep(FLAGS.config, FLAGS.model, FLAGS.axes, grid, FLAGS.finetune, FLAGS.procs,
         FLAGS.stats_examples, FLAGS.out)
   print(f'wrote {FLAGS.out}.json and {FLAGS.out}.md')

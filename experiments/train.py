@@ -39,7 +39,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import reporting, state, tasks
-from lowacc import AccumulatorConfig, FloatFormat, hardware
+from lowacc import AccumulatorConfig, FloatFormat, IntFormat, IntQuant, hardware
 from lowacc.formats import PAPER_FP8_INPUT
 from lowacc.nn import Policy, apply_policy
 
@@ -49,6 +49,10 @@ OPTIMIZERS = ('sgd', 'adamw')
 # Config fields that do not change a workdir's results: a run may resume with other values.
 NOT_IN_MANIFEST = ('name', 'metric_name', 'log_every_steps', 'checkpoint_every_steps',
                    'keep_checkpoints', 'data.eval_batch_size')
+
+
+# The operands of an integer accumulator: int8, symmetric, one float scale per tensor (max|x|/127).
+INT_INPUTS = IntQuant(8, 'per_tensor')
 
 
 def parse_format(name: str, acc: ml_collections.ConfigDict) -> FloatFormat:
@@ -62,14 +66,21 @@ def accumulator_config(acc: ml_collections.ConfigDict, fmt: str | None = None):
 
   'float32' is no simulation (None). A name with '/' is a hardware preset
   (`lowacc.hardware.parse`, e.g. 'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3'), which brings its own
-  input types and chain and takes only acc.ste. With acc.product, products are rounded to the
-  accumulator's widths with bias + acc.product_bias_offset (the paper: 12 = 10 + log2(16) / 2).
+  input types and chain and takes only acc.ste. 'INT<bits>w' or 'INT<bits>s' is an integer
+  accumulator (`IntFormat`, wrap or saturate) over INT_INPUTS, so that products are exact
+  integers, with acc's chunk_size, order, combine and ste (acc.product and acc.fp8_inputs do not
+  apply). With acc.product, a float format's products are rounded to the accumulator's widths
+  with bias + acc.product_bias_offset (the paper: 12 = 10 + log2(16) / 2).
   """
   name = fmt or acc.format
   if name == 'float32':
     return None
   if '/' in name:
     return hardware.parse(name).replace(ste=acc.ste)
+  if name.startswith('INT'):
+    return AccumulatorConfig(acc=IntFormat.parse(name), chunk_size=acc.chunk_size or None,
+                             order=acc.order, combine=acc.combine, ste=acc.ste, lhs=INT_INPUTS,
+                             rhs=INT_INPUTS)
   acc_fmt = parse_format(name, acc)
   product = acc_fmt.replace(bias=acc_fmt.bias + acc.product_bias_offset) if acc.product else None
   inputs = PAPER_FP8_INPUT if acc.fp8_inputs else None

@@ -181,6 +181,16 @@ class IntFormat(Accumulator):
   def name(self) -> str:
     return f'INT{self.bits}' + ('w' if self.overflow == 'wrap' else 's')
 
+  @classmethod
+  def parse(cls, name: str) -> 'IntFormat':
+    """'INT16w' (wrap) or 'INT16s' (saturate), as `name` spells it."""
+    body = name[3:-1] if isinstance(name, str) and name.startswith('INT') else ''
+    if not body.isdigit() or name[-1] not in 'ws':
+      raise ValueError(f"integer accumulator {name!r} is invalid: expected 'INT<bits>w' (wrap) "
+                       f"or 'INT<bits>s' (saturate), bits in [2, {_F32_EXACT_BITS - 1}], "
+                       "e.g. 'INT16s'")
+    return cls(int(body), 'wrap' if name[-1] == 'w' else 'saturate')
+
   def step(self, s, u, rand):
     """s + u exactly, wrapped or saturated into `bits`; s=None takes u alone."""
     v = u if s is None else s + u  # exact: |s| < 2^23 and integer |u| < 2^24 (see the class doc)
