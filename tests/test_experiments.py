@@ -64,6 +64,7 @@ def test_demo_recipe_on_real_mnist_and_resume_when_done(tmp_path):
   assert open(os.path.join(workdir, 'metrics.jsonl')).read() == lines
 
 
+@pytest.mark.heavy
 def test_imagenet_config_on_mock_data(tmp_path):
   config = imagenet_resnet18.get_config('runlocal')
   config.data.data_dir = _prepared(tmp_path, 'imagenet2012', '5.1.0')
@@ -74,6 +75,7 @@ def test_imagenet_config_on_mock_data(tmp_path):
   _check_outputs(str(tmp_path / 'run'), results, ('baseline', 'zero_shot', 'stage1', 'stage2'))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('get_config, dataset, version', [
     (glue_bert.get_config, 'glue/sst2', '2.0.0'), (squad_bert.get_config, 'squad/v1.1', '3.0.0')])
 def test_bert_configs_on_mock_data(get_config, dataset, version, tmp_path):
@@ -107,6 +109,7 @@ def _final_state(workdir):
   return step, manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
 
 
+@pytest.mark.heavy
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path):
   whole, killed = str(tmp_path / 'whole'), str(tmp_path / 'killed')
   subprocess.run(_main(whole), cwd=ROOT, check=True, capture_output=True)

@@ -35,6 +35,7 @@ def test_imagenet_efficientnet_is_zero_shot_only(tmp_path):
   assert _results(workdir)
 
 
+@pytest.mark.heavy
 def test_snli_minilm_runs_every_phase(tmp_path):
   from configs import snli_minilm
   config = _config(snli_minilm)
