@@ -297,6 +297,7 @@ class AccumulatorConfig:
     _check_choice('AccumulatorConfig', 'ste', self.ste, STES)
     if self.acc is not None:
       self._check_kind(self.acc)
+    self._check_integer_partials()
     if self.acc is None and self.product is not None:
       raise ValueError('AccumulatorConfig.product is set but acc=None: product rounding needs a '
                        'simulated accumulator; set acc or product=None')
@@ -325,6 +326,20 @@ class AccumulatorConfig:
     if self.combine == 'acc':
       raise ValueError(f"AccumulatorConfig.combine='acc' is invalid for acc={acc.name}, which "
                        'adds groups of products: use a FloatFormat (promotion) or None')
+
+  def _check_integer_partials(self):
+    """An IntFormat chain is exact only while its terms are: under order 'chunk' the float32
+    chunk partial of integer-quantized operands must stay below 2^24 in magnitude."""
+    if not (isinstance(self.acc, IntFormat) and self.order == 'chunk'
+            and isinstance(self.lhs, IntQuant)):
+      return
+    largest = (2 ** (self.lhs.bits - 1) - 1) * (2 ** (self.rhs.bits - 1) - 1)
+    most = (2 ** _F32_EXACT_BITS - 1) // largest
+    if self.chunk_size is None or self.chunk_size > most:
+      raise ValueError(f"AccumulatorConfig.chunk_size={self.chunk_size} is invalid for "
+                       f"acc={self.acc.name}, order='chunk' over {self.lhs.bits}- and "
+                       f"{self.rhs.bits}-bit operands: a float32 chunk partial is exact for at "
+                       f"most {most} products; use chunk_size <= {most} or order='fma'")
 
   @property
   def combine_format(self) -> Optional[Accumulator]:

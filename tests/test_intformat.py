@@ -93,3 +93,20 @@ def test_integer_inputs_make_integer_products(scaling):
   np.testing.assert_array_equal(y, total.astype(np.float32) * (sx * sw))
   g = jax.grad(lambda x: lowacc.dot_general(x, w, BATCHED, cfg).sum())(x)
   assert np.all(np.isfinite(g)) and np.any(g != 0)
+
+
+def test_chunk_partials_of_integer_operands_stay_exact_or_are_refused():
+  """Order 'chunk' sums a chunk in float32: 1040 products of 127 x 127 (16,774,160 < 2^24) are
+  exact, and wrap into 23 bits as Python's integers do; a chunk that could pass 2^24 is refused."""
+  iq = lowacc.IntQuant(8)
+  x, w = np.full((1, 2, 1040), 127.0, np.float32), np.full((1, 1040, 2), 127.0, np.float32)
+  x[0, 1, :520] = -127.0
+  cfg = AccumulatorConfig(acc=IntFormat(23, 'wrap'), chunk_size=1040, order='chunk', lhs=iq,
+                          rhs=iq)
+  exact = [1040 * 127 * 127, 0]
+  wrapped = [(v + 2 ** 22) % 2 ** 23 - 2 ** 22 for v in exact]
+  y = np.asarray(lowacc.dot_general(x, w, BATCHED, cfg))
+  np.testing.assert_array_equal(y[0], np.array([wrapped, wrapped], np.float32).T)
+  for chunk in (1041, None):
+    with pytest.raises(ValueError, match=f'chunk_size={chunk} is invalid .* at most 1040 products'):
+      cfg.replace(chunk_size=chunk)
