@@ -123,8 +123,8 @@ def pytest_collection_modifyitems(config, items):
 
   shared = {}
   for item in items:
-    shared[item] = [f'{d.baseid}::{name}' for name, defs in item._fixtureinfo.name2fixturedefs.items()
-                    for d in defs[-1:]
+    fixtures = item._fixtureinfo.name2fixturedefs.items()
+    shared[item] = [f'{d.baseid}::{name}' for name, defs in fixtures for d in defs[-1:]
                     if d.scope in ('module', 'session') and (d.baseid or '').startswith('tests')]
     for key in shared[item][1:]:
       parent[root(key)] = root(shared[item][0])

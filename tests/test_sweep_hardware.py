@@ -29,7 +29,8 @@ def test_the_axes_configure_the_presets_and_the_integer_registers():
   assert grid['hardware'] == [dict(format=HOPPER_FP8), dict(format=HOPPER_FP8 + '/promote128')]
   assert grid['integer'] == [dict(format=f, chunk_size=0)
                              for f in ('INT12w', 'INT16w', 'INT12s', 'INT16s')]
-  assert _config(grid['hardware'][1]) == hardware.mma('Hopper', 'wgmma', 'm64n8k32.f32.e4m3.e4m3', promote_every=128)
+  assert _config(grid['hardware'][1]) == hardware.mma('Hopper', 'wgmma', 'm64n8k32.f32.e4m3.e4m3',
+                                                      promote_every=128)
   assert [_config(p) for p in grid['integer']] == [
       AccumulatorConfig(acc=IntFormat(b, o), **INT_CONFIG)
       for o in ('wrap', 'saturate') for b in (12, 16)]

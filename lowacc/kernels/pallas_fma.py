@@ -13,8 +13,8 @@ The kernel: a grid over (B, M / block_m, N / block_n). Each program keeps its (b
 accumulator tile and the combine total in registers and walks the contraction with two nested
 `fori_loop`s (chunks, then steps), loading per step one (block_m,) row of x^T and one (block_n,)
 row of w (x is transposed once outside the kernel so that both loads are contiguous). Rounding and
-TwoSum are `lowacc.quantize.round_exact` and `lowacc.accumulator.two_sum` themselves: plain jnp/lax ops on
-uint32 bit patterns (bitcast_convert_type, and/or, logical shifts by at most 31,
+TwoSum are `lowacc.quantize.round_exact` and `lowacc.accumulator.two_sum` themselves: plain
+jnp/lax ops on uint32 bit patterns (bitcast_convert_type, and/or, logical shifts by at most 31,
 comparisons, select), so the kernel body is the XLA path's step, traced once more.
 
 Backends. `interpret=None` runs Pallas interpret mode on the CPU (the kernel body then compiles to
