@@ -39,7 +39,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import cli, reporting, state, train
-from lowacc.nn import apply_policy, layer_stats, rates
+from lowacc.nn import layer_stats, rates
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'The experiment config (configs/*.py).',
@@ -176,9 +176,8 @@ class Evaluator:
     metric = train.evaluate(self.task, self.model, config, policy, fmt)
     layers = {}
     if fmt != 'float32':
-      apply_policy(self.model, policy)
       self.model.eval()
-      layers = rates(layer_stats(self.model, *self.task.inputs(self.stats_batch)))  # call order
+      layers = rates(layer_stats(self.model, policy, *self.task.inputs(self.stats_batch)))
       self.model.train()
     return dict(point, bits=reporting.bits(fmt), metric=metric, layers=layers)
 

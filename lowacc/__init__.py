@@ -3,7 +3,7 @@
 from lowacc import hardware
 from lowacc.accumulator import Accumulator
 from lowacc.conv import ConvGeneralDilated, conv_general_dilated
-from lowacc.dot import DotGeneral, accumulation_stats, collect_stats, dot_general, matmul
+from lowacc.dot import DotGeneral, accumulation_stats, dot_general, matmul
 from lowacc.formats import (BF16, FP8_E3M4, FP8_E4M3, FP8_E5M2, FP16, FP32, PAPER_ACC,
                             PAPER_FP8_INPUT, PAPER_M7E4, PAPER_M7E4_FP8, PAPER_PRODUCT,
                             AccumulatorConfig, DotConfig, FloatFormat, InputQuant, IntFormat,
@@ -16,7 +16,7 @@ __all__ = [
     'Accumulator', 'AccumulatorConfig', 'BF16', 'ConvGeneralDilated', 'DotConfig', 'DotGeneral',
     'FP16', 'FP32', 'FP8_E3M4', 'FP8_E4M3', 'FP8_E5M2', 'FloatFormat', 'InputQuant', 'IntFormat',
     'IntQuant', 'PAPER_ACC', 'PAPER_FP8_INPUT', 'PAPER_M7E4', 'PAPER_M7E4_FP8', 'PAPER_PRODUCT',
-    'accumulation_stats', 'collect_stats', 'conv_general_dilated', 'dot_general', 'matmul',
+    'accumulation_stats', 'conv_general_dilated', 'dot_general', 'matmul',
     'quantize', 'Policy', 'Rule', 'Site', 'coverage', 'hardware', 'simulate',
 ]
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowacc.dot import accumulation_stats, dot_general
+from lowacc.dot import dot_general
 from lowacc.formats import AccumulatorConfig, DotConfig
 from lowacc.quantize import as_float32, result_dtype
 
@@ -74,14 +74,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None, *,
                          config: AccumulatorConfig | DotConfig | None, key=None,
-                         name: Optional[str] = None):
+                         stats: bool = False):
   """`lax.conv_general_dilated` whose products are accumulated as `config` says.
 
   Bit for bit the result of `lowacc.dot_general` on the im2col patches (contraction over kernel
-  spatial dims then input channel), per feature group. batch_group_count must be 1. name: the
-  label of the patch GEMM's counters in `collect_stats`.
+  spatial dims then input channel), per feature group. batch_group_count must be 1. stats=True
+  returns (result, the patch GEMM's counters), as `lowacc.dot_general(..., stats=True)`.
   """
-  if DotConfig.of(config) == DotConfig(None):
+  if DotConfig.of(config) == DotConfig(None) and not stats:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count,
                                     precision, preferred_element_type)
@@ -91,8 +91,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   out_dtype = result_dtype(lhs, rhs, preferred_element_type)
   cols, kern, finish = _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                    dimension_numbers, feature_group_count)
-  y = dot_general(cols, kern, _PATCH_DIMS, config, key=key, name=name)
-  return finish(y).astype(out_dtype)
+  out = dot_general(cols, kern, _PATCH_DIMS, config, key=key, stats=stats)
+  y, counters = out if stats else (out, None)
+  y = finish(y).astype(out_dtype)
+  return (y, counters) if stats else y
 
 
 _PATCH_DIMS = (((2,), (1,)), ((0,), (0,)))  # (groups, positions, K) . (groups, K, out)
@@ -140,21 +142,11 @@ def _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, d
   return cols, kern, finish
 
 
-def conv_accumulation_stats(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                            rhs_dilation=None, dimension_numbers=None, feature_group_count=1, *,
-                            config, key=None):
-  """`lowacc.accumulation_stats` of the convolution's patch GEMM."""
-  cols, kern, _ = _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                              dimension_numbers, feature_group_count)
-  return accumulation_stats(cols, kern, _PATCH_DIMS, config, key=key)
-
-
 @dataclasses.dataclass(frozen=True)
 class ConvGeneralDilated:
   """A hashable drop-in for `lax.conv_general_dilated` that simulates `config` (for Flax's
   `conv_general_dilated=`)."""
   config: Optional[AccumulatorConfig | DotConfig]
-  name: Optional[str] = None  # the label of its counters in `collect_stats`
 
   def __post_init__(self):
     DotConfig.of(self.config)
@@ -164,5 +156,5 @@ class ConvGeneralDilated:
                precision=None, preferred_element_type=None, out_sharding=None):
     y = conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                              dimension_numbers, feature_group_count, batch_group_count, precision,
-                             preferred_element_type, config=self.config, name=self.name)
+                             preferred_element_type, config=self.config)
     return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)

@@ -14,14 +14,12 @@ of storing an M x N x K tensor.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from lowacc.accumulator import Flags, float32_sum
@@ -153,19 +151,31 @@ def _ignore(state, *_):
   return state
 
 
-def _forward(chain: _Chain, track_forgets: bool):
-  """The chain's output and, if asked, the last combine step that forgot the past (-1: none)."""
+def _count(counts, flags: Flags):
+  """Adds a step's flags to per-element counts (summed once at the end, to keep fusion)."""
+  return {name: counts[name] + getattr(flags, name).astype(jnp.int32) for name in counts}
 
-  def per_chunk(last, j, xc, wc, total):
-    s, _ = chain.inner(j, xc, wc, _ignore, None)
+
+def _forward(chain: _Chain, track_forgets: bool, count: bool):
+  """One run of the chain: its output, the last combine step that forgot the past (-1: none) if
+  track_forgets, and the per-element counts of sat, lost and flush steps if count."""
+  counting = lambda counts, i, u, flags: _count(counts, flags)  # noqa: E731
+
+  def per_chunk(state, j, xc, wc, total):
+    last, counts = state
+    s, counts = chain.inner(j, xc, wc, counting if count else _ignore, counts)
     total, flags = chain.combine(j, total, s)
     if track_forgets:
       last = jnp.where(flags.forgets, j, last)
-    return total, last, None
+    if count and chain.cfg.combine_format is not None:
+      counts = _count(counts, flags)
+    return total, (last, counts), None
 
-  init = chain.full(-1, jnp.int32) if track_forgets else None
-  total, last, _ = chain.run(per_chunk, init)
-  return total, last
+  zero = chain.full(0, jnp.int32)
+  init = (chain.full(-1, jnp.int32) if track_forgets else None,
+          {'sat': zero, 'lost': zero, 'flush': zero} if count else None)
+  total, (last, counts), _ = chain.run(per_chunk, init)
+  return total, last, counts
 
 
 def _backward(chain: _Chain, last_combine_forget, g):
@@ -238,25 +248,29 @@ def _key_for(key, stream):
   return None if key is None else jax.random.fold_in(key, stream)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _accumulate(cfg: DotConfig, x, w, key):
-  """The canonical simulated dot x (B, M, K) . w (B, K, N) of already quantized operands."""
-  return _accumulate_fwd(cfg, x, w, key)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _accumulate(cfg: DotConfig, count: bool, x, w, key):
+  """The canonical simulated dot x (B, M, K) . w (B, K, N) of already quantized operands; with
+  count, (y, the chain's sat, lost and flush totals) from the same run of the chain."""
+  return _accumulate_fwd(cfg, count, x, w, key)[0]
 
 
-def _accumulate_fwd(cfg: DotConfig, x, w, key):
+def _accumulate_fwd(cfg: DotConfig, count: bool, x, w, key):
   fwd = cfg.fwd
   recursive = fwd is not None and fwd.ste.startswith('recursive')
+  counts = None
   if fwd is None or fwd.acc is None or x.shape[2] == 0:
     y, last = _float32_dot(x, w), None
-  elif native.supports(fwd) and not recursive and not _sharded(x, w):
+  elif native.supports(fwd) and not recursive and not count and not _sharded(x, w):
     # The native CPU kernel on the CPU, this XLA path elsewhere (equal where both are defined).
     y, last = lax.platform_dependent(
         x, w, cpu=lambda x, w: _vary(native.dot(x, w, fwd), x, w),
-        default=lambda x, w: _forward(_Chain.layout(fwd, x, w, key), False)[0]), None
+        default=lambda x, w: _forward(_Chain.layout(fwd, x, w, key), False, False)[0]), None
   else:
-    y, last = _forward(_Chain.layout(fwd, x, w, key), recursive)
-  return _exact_tangent('identity' if fwd is None else fwd.ste, y, x, w), (x, w, key, last)
+    y, last, counts = _forward(_Chain.layout(fwd, x, w, key), recursive, count)
+  y = _exact_tangent('identity' if fwd is None else fwd.ste, y, x, w)
+  out = (y, {name: jnp.sum(c) for name, c in counts.items()}) if count else y
+  return out, (x, w, key, last)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -281,8 +295,10 @@ def _exact_tangent_jvp(ste, primals, tangents):
   return y, _float32_dot(dx, w) + _float32_dot(x, dw)
 
 
-def _accumulate_bwd(cfg: DotConfig, residuals, g):
+def _accumulate_bwd(cfg: DotConfig, count: bool, residuals, g):
   x, w, key, last = residuals
+  if count:
+    g = g[0]  # the counts are integers: no cotangent
   fwd = cfg.fwd
   if fwd is not None and fwd.ste != 'identity' and x.shape[2] > 0:
     dx, dw = _backward(_Chain.layout(fwd, x, w, key), last, g)
@@ -389,7 +405,7 @@ def _prepare(lhs, rhs, dimension_numbers, cfg: DotConfig):
 
 
 def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None,
-                preferred_element_type=None, name: Optional[str] = None):
+                preferred_element_type=None, stats: bool = False):
   """`lax.dot_general` with the accumulation simulated by `config` (spec section 3).
 
   lhs, rhs: floats of at most 32 bits, or integers of at most 16 bits (exact in float32; they give
@@ -397,10 +413,19 @@ def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None
   DotConfig, or None (plain `lax.dot_general`). key: PRNG key for stochastic rounding. The
   contraction runs over the contracting dims flattened row-major in the order dimension_numbers
   gives them. `precision` is accepted for signature compatibility; simulated GEMMs always compute
-  in float32. name: the label under which `collect_stats` records this GEMM's counters.
-  Second order (jax.hessian, the jvp of a gradient) differentiates the identity estimator.
+  in float32. Second order (jax.hessian, the jvp of a gradient) differentiates the identity
+  estimator.
+
+  stats=True returns (result, counters) from one run of the chain (spec section 5), under any
+  transformation: steps (a Python int), sat, lost, flush: steps of the inner chains (one per
+  group of products for order 'fma', one per chunk for 'chunk') and of the combine chain, and how
+  many saturated, lost their update, or flushed to zero; rel_error and max_abs_error compare the
+  result with the float32 dot of the same (quantized) operands (for IntQuant operands, of their
+  integers, before the scales). The counters carry no gradient.
   """
   cfg = DotConfig.of(config)
+  if stats and (cfg.fwd is None or cfg.fwd.acc is None):
+    raise ValueError('stats=True needs a config with a simulated forward accumulator (acc set)')
   if cfg.fwd is None and cfg.dlhs is None and cfg.drhs is None:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
@@ -409,9 +434,29 @@ def dot_general(lhs, rhs, dimension_numbers, config, *, key=None, precision=None
     raise ValueError("config uses rounding='stochastic': pass key= (a jax PRNG key)")
   if key is not None:
     check_key(key)
-  if _recorders and name is not None and cfg.fwd is not None and cfg.fwd.acc is not None:
-    _record(name, accumulation_stats(lhs, rhs, dimension_numbers, cfg, key=key))
-  return _simulated_dot(cfg, _hashable(dimension_numbers), lhs, rhs, key).astype(out_dtype)
+  dims = _hashable(dimension_numbers)
+  steps = _steps(cfg.fwd, lhs, rhs, dims) if stats else None  # (checks the operands first)
+  out = _simulated_dot(cfg, dims, stats, lhs, rhs, key)
+  if not stats:
+    return out.astype(out_dtype)
+  y, counters = out
+  return y.astype(out_dtype), dict(counters, steps=steps)
+
+
+def _steps(fwd: AccumulatorConfig, lhs, rhs, dimension_numbers) -> int:
+  """The accumulation steps of the GEMM: per output element, the inner chains' (a short last
+  chunk's rounded up to whole groups) and the combine chain's."""
+  _, _, (lb, lf, lc, rf) = _canonicalize(lhs, rhs, dimension_numbers)
+  b, m, k, n = (_size([shape[d] for d in dims])
+                for shape, dims in ((lhs.shape, lb), (lhs.shape, lf), (lhs.shape, lc),
+                                    (rhs.shape, rf)))
+  if k == 0:
+    raise ValueError('stats=True needs a non-empty contraction')
+  c = fwd.chunk_size or k
+  g = -(-k // c)
+  steps_of = lambda products: -(-products // fwd.acc.group)  # noqa: E731
+  inner = (g - 1) * steps_of(c) + steps_of(k - (g - 1) * c) if fwd.order == 'fma' else g
+  return b * m * n * (inner + (g if fwd.combine_format is not None else 0))
 
 
 def _hashable(dimension_numbers):
@@ -422,11 +467,18 @@ def _hashable(dimension_numbers):
                      '((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))') from None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _simulated_dot(cfg: DotConfig, dimension_numbers, lhs, rhs, key):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _simulated_dot(cfg: DotConfig, dimension_numbers, stats: bool, lhs, rhs, key):
   x, w, out_shape, scale = _prepare(lhs, rhs, dimension_numbers, cfg)
-  y = _accumulate(cfg, x, w, key)
-  return (y if scale is None else y * scale).reshape(out_shape)
+  out = _accumulate(cfg, stats, x, w, key)
+  y, counts = out if stats else (out, None)
+  result = (y if scale is None else y * scale).reshape(out_shape)
+  if not stats:
+    return result
+  ref = lax.stop_gradient(_float32_dot(x, w))
+  err = lax.stop_gradient(y) - ref
+  return result, dict(counts, rel_error=jnp.linalg.norm(err) / jnp.linalg.norm(ref),
+                      max_abs_error=jnp.max(jnp.abs(err)))
 
 
 def matmul(a, b, config, *, key=None):
@@ -455,7 +507,6 @@ class DotGeneral:
   layers (`dot_general=`) and `jnp.einsum(..., _dot_general=)`. Stochastic rounding needs a key,
   which this signature cannot carry: use `lowacc.dot_general(..., key=)` for it."""
   config: Optional[AccumulatorConfig | DotConfig]
-  name: Optional[str] = None  # the label of its counters in `collect_stats`
 
   def __post_init__(self):
     DotConfig.of(self.config)
@@ -463,90 +514,10 @@ class DotGeneral:
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                out_sharding=None):
     y = dot_general(lhs, rhs, dimension_numbers, self.config, precision=precision,
-                    preferred_element_type=preferred_element_type, name=self.name)
+                    preferred_element_type=preferred_element_type)
     return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
 
 
-def _count(state, flags: Flags):
-  """Adds the step's flags to per-element counts (summed once at the end, to keep fusion)."""
-  return {name: state[name] + getattr(flags, name).astype(jnp.int32) for name in state}
-
-
-_recorders: list = []  # the dicts of the `collect_stats` blocks now open
-
-
-@contextlib.contextmanager
-def collect_stats():
-  """Within the block, every simulated GEMM that has a `name` records its counters
-  (`accumulation_stats`) into the yielded dict, name -> totals over its calls: steps, sat, lost
-  and flush summed, max_abs_error the largest, rel_error the mean. The GEMMs must run eagerly
-  (outside jit), since the counters are read as numbers."""
-  record = {}
-  _recorders.append(record)
-  try:
-    yield record
-  finally:
-    _recorders.remove(record)
-
-
-def _record(name: str, stats):
-  if any(isinstance(v, jax.core.Tracer) for v in stats.values()):
-    raise ValueError(f'collect_stats: the GEMM {name!r} runs under a JAX transformation (jit, '
-                     'grad, vmap); call the model eagerly to collect its counters')
-  stats = {k: np.asarray(v).item() for k, v in jax.device_get(stats).items()}
-  for record in _recorders:
-    old = record.get(name)
-    if old is None:
-      record[name] = dict(stats, calls=1)
-      continue
-    calls = old['calls'] + 1
-    record[name] = dict(
-        {k: old[k] + stats[k] for k in ('steps', 'sat', 'lost', 'flush')}, calls=calls,
-        max_abs_error=max(old['max_abs_error'], stats['max_abs_error']),
-        rel_error=old['rel_error'] + (stats['rel_error'] - old['rel_error']) / calls)
-
-
 def accumulation_stats(lhs, rhs, dimension_numbers, config, *, key=None):
-  """Counters of the simulated forward GEMM (spec section 5), as a dict of scalars.
-
-  steps (a Python int), sat, lost, flush: steps of the inner chains (one per product for order 'fma', one per
-  chunk for 'chunk') and of the combine chain, and how many saturated, lost their update, or
-  flushed to zero. rel_error and max_abs_error compare the output with the float32 dot of the same
-  (quantized) operands (for IntQuant operands, of their integers, before the scales).
-  """
-  cfg = DotConfig.of(config)
-  fwd = cfg.fwd
-  if fwd is None or fwd.acc is None:
-    raise ValueError('accumulation_stats needs a config with a simulated accumulator (acc set)')
-  x, w, _, _ = _prepare(lhs, rhs, _hashable(dimension_numbers), cfg)
-  if x.shape[2] == 0:
-    raise ValueError('accumulation_stats needs a non-empty contraction')
-  b, m, k = x.shape
-  c = fwd.chunk_size or k
-  g = -(-k // c)
-  size = fwd.acc.group  # products per step; a short last chunk's steps round up
-  steps_of = lambda products: -(-products // size)
-  inner_steps = (g - 1) * steps_of(c) + steps_of(k - (g - 1) * c) if fwd.order == 'fma' else g
-  combine_steps = g if fwd.combine_format is not None else 0
-  return dict(_stats(fwd, x, w, key), steps=b * m * w.shape[2] * (inner_steps + combine_steps))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _stats(fwd: AccumulatorConfig, x, w, key):
-  chain = _Chain.layout(fwd, x, w, key)
-  zero = chain.full(0, jnp.int32)
-  counts0 = {'sat': zero, 'lost': zero, 'flush': zero}
-
-  def per_chunk(counts, j, xc, wc, total):
-    s, counts = chain.inner(j, xc, wc, lambda st, i, u, flags: _count(st, flags), counts)
-    total, flags = chain.combine(j, total, s)
-    if fwd.combine_format is not None:
-      counts = _count(counts, flags)
-    return total, counts, None
-
-  y, counts, _ = chain.run(per_chunk, counts0)
-  ref = _float32_dot(x, w)
-  err = y - ref
-  return dict({name: jnp.sum(count) for name, count in counts.items()},
-              rel_error=jnp.linalg.norm(err) / jnp.linalg.norm(ref),
-              max_abs_error=jnp.max(jnp.abs(err)))
+  """The counters of the simulated forward GEMM: `dot_general(..., stats=True)`'s."""
+  return dot_general(lhs, rhs, dimension_numbers, config, key=key, stats=True)[1]

@@ -9,6 +9,7 @@ the model, joined by '/': 'layer1/0/conv2', 'encoder/layer/3/attention/self/quer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import string
 
@@ -16,13 +17,15 @@ from lowacc._extras import require
 
 require('lowacc.nn', 'nn', ('flax',))
 
-import jax.numpy as jnp  # noqa: E402  (after the check that names the extra)
+import jax  # noqa: E402  (after the check that names the extra)
+import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax import lax  # noqa: E402
 
 from lowacc.conv import ConvGeneralDilated
-from lowacc.dot import DotGeneral, collect_stats
+from lowacc.dot import DotGeneral
 from lowacc.policy import Config, Policy, Rule, simulated
+from lowacc.simulate import simulate
 
 __all__ = ['Einsum', 'EinsumOp', 'Policy', 'Rule', 'apply_policy', 'einsum', 'layer_stats', 'rates']
 
@@ -110,28 +113,51 @@ def apply_policy(model: nnx.Module, policy: Policy) -> dict[str, Config]:
     if isinstance(module, (nnx.Linear, nnx.LinearGeneral, Einsum)):
       role = 'activation' if isinstance(module, Einsum) else 'weight'
       config = policy.config_for(name, role, 'dot')
-      module.dot_general = DotGeneral(config, name) if simulated(config) else lax.dot_general
+      module.dot_general = DotGeneral(config) if simulated(config) else lax.dot_general
       if isinstance(module, nnx.LinearGeneral):
         module.dot_general_cls = None  # Flax prefers dot_general_cls over dot_general
     elif isinstance(module, nnx.Conv):
       config = policy.config_for(name, 'weight', 'conv')
-      module.conv_general_dilated = (ConvGeneralDilated(config, name) if simulated(config)
+      module.conv_general_dilated = (ConvGeneralDilated(config) if simulated(config)
                                      else lax.conv_general_dilated)
     elif isinstance(module, nnx.Einsum):
       config = policy.config_for(name, 'weight', 'dot')
-      module.einsum_op = EinsumOp(DotGeneral(config, name)) if simulated(config) else jnp.einsum
+      module.einsum_op = EinsumOp(DotGeneral(config)) if simulated(config) else jnp.einsum
     else:
       continue
     assigned[name] = config
   return assigned
 
 
-def layer_stats(model: nnx.Module, *args, **kwargs) -> dict[str, dict]:
-  """Runs `model(*args, **kwargs)` eagerly and returns each simulated layer's counters
-  (`lowacc.collect_stats`): steps, sat, lost, flush, max_abs_error, rel_error, calls."""
-  with collect_stats() as stats:
-    model(*args, **kwargs)
-  return stats
+_GEMMS = ('dot_general', 'dot_general_cls', 'conv_general_dilated', 'einsum_op')
+
+
+@contextlib.contextmanager
+def _float32_gemms(model: nnx.Module):
+  """Within the block, the model's layers run lax's float32 GEMMs (as `apply_policy` with no rule
+  sets them); afterwards they hold what they held before."""
+  saved = [(m, {a: getattr(m, a) for a in _GEMMS if hasattr(m, a)})
+           for _, m in nnx.iter_modules(model)]
+  apply_policy(model, Policy(()))
+  try:
+    yield
+  finally:
+    for module, attrs in saved:
+      for attr, value in attrs.items():
+        setattr(module, attr, value)
+
+
+def layer_stats(model: nnx.Module, policy: Policy, *args, **kwargs) -> dict[str, dict]:
+  """The counters of every simulated GEMM site of `model(*args, **kwargs)` under `policy`, path ->
+  steps, sat, lost, flush, max_abs_error, rel_error, calls: `lowacc.simulate(..., stats=True)`
+  under jit (the arguments are traced), on the model's layers as float32 whatever `apply_policy`
+  put into them, so `policy` alone decides. Paths are `simulate`'s: a layer's name as
+  `apply_policy` gives it, then any scope inside the layer (jnp.einsum, inside nnx.Einsum, names
+  its own after the equation: 'mix/bqk,kh->bqh'); a layer called twice: '<name>#2'."""
+  with _float32_gemms(model):
+    _, stats = jax.jit(simulate(lambda m, *a, **k: m(*a, **k), policy, stats=True))(
+        model, *args, **kwargs)
+  return {path: {k: v.item() for k, v in s.items()} for path, s in jax.device_get(stats).items()}
 
 
 def rates(stats: dict[str, dict]) -> dict[str, dict[str, float]]:

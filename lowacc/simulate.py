@@ -35,8 +35,8 @@ from jax import lax
 from jax._src import source_info_util
 from jax.extend import core
 
-from lowacc.conv import conv_accumulation_stats, conv_general_dilated
-from lowacc.dot import accumulation_stats, dot_general
+from lowacc.conv import conv_general_dilated
+from lowacc.dot import dot_general
 from lowacc.formats import DotConfig
 from lowacc.policy import Config, Policy, Site, simulated
 
@@ -388,20 +388,17 @@ class _Interpreter:
   def gemm(self, eqn, entry, ins):
     lhs, rhs = ins
     p, config = eqn.params, entry.config
+    count = self.stats and _counted(config)
     if eqn.primitive.name == 'dot_general':
-      y = dot_general(lhs, rhs, p['dimension_numbers'], config,
-                      preferred_element_type=p['preferred_element_type'])
-      count = lambda: accumulation_stats(lhs, rhs, p['dimension_numbers'], config)  # noqa: E731
+      out = dot_general(lhs, rhs, p['dimension_numbers'], config,
+                        preferred_element_type=p['preferred_element_type'], stats=count)
     else:
       kw = {k: p[k] for k in ('window_strides', 'padding', 'lhs_dilation', 'rhs_dilation',
                               'dimension_numbers', 'feature_group_count')}
-      y = conv_general_dilated(lhs, rhs, **kw, preferred_element_type=p['preferred_element_type'],
-                               config=config)
-      count = lambda: conv_accumulation_stats(lhs, rhs, **kw, config=config)  # noqa: E731
-    st = {}
-    if self.stats and _counted(config):
-      st = {entry.site.path: _one_call(jax.tree.map(lax.stop_gradient, count()))}
-    return [y], st
+      out = conv_general_dilated(lhs, rhs, **kw, preferred_element_type=p['preferred_element_type'],
+                                 config=config, stats=count)
+    y, st = out if count else (out, None)
+    return [y], {entry.site.path: _one_call(st)} if count else {}
 
   def closed(self, closed_jaxpr, where):
     """A function of the jaxpr's inputs -> (outputs, counters)."""
@@ -536,7 +533,8 @@ def simulate(fn: Callable, policy: Policy, stats: bool = False) -> Callable:
   The returned function takes fn's arguments and returns fn's outputs, or (outputs, stats) with
   stats=True: path -> steps, sat, lost, flush (summed over the site's calls, e.g. scan iterations),
   max_abs_error (the largest), rel_error (the mean) and calls, each as `lowacc.accumulation_stats`
-  counts that GEMM, computed in the traced computation (so under jit too). Warns once about sites
+  counts that GEMM, computed in the traced computation (so under jit and vmap too) from the same
+  run of the chain as the output (`lowacc.dot_general(..., stats=True)`). Warns once about sites
   that no rule matched.
   """
   warned = set()

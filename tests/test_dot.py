@@ -251,6 +251,40 @@ def test_stats_count_what_the_oracle_counts():
   np.testing.assert_allclose(float(stats['max_abs_error']), np.max(np.abs(y - ref)), rtol=1e-5)
 
 
+def _loops(jaxpr) -> int:
+  """The scan and while loops of a jaxpr, recursively."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name in ('scan', 'while')
+    for value in eqn.params.values():
+      for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          n += _loops(getattr(v, 'jaxpr', v))
+  return n
+
+
+@pytest.mark.parametrize('ste', ['identity', 'recursive_both'])
+def test_stats_come_from_the_one_run_of_the_chain(ste):
+  acc = FloatFormat(3, 3, bias=3, rounding='toward_zero', underflow='flush')
+  cfg = AccumulatorConfig(acc=acc, chunk_size=6, ste=ste)
+  x, w = operands(acc, (1, 3, 20), (1, 20, 4), seed=21)
+  y, stats = jax.jit(lambda x, w: lowacc.dot_general(x, w, BATCHED, cfg, stats=True))(x, w)
+  assert_bits_equal(y, lowacc.dot_general(x, w, BATCHED, cfg), 'the result with stats=True')
+  assert jax.device_get(stats) == jax.device_get(lowacc.accumulation_stats(x, w, BATCHED, cfg))
+  # One chain (a scan over chunks around one loop over each chunk's steps), no second run.
+  jaxpr = jax.make_jaxpr(lambda x, w: lowacc.dot_general(x, w, BATCHED, cfg, stats=True))(x, w)
+  assert _loops(jaxpr.jaxpr) == 2
+  # Gradients through the result are the estimator's, as without stats; the counters carry none.
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w) ** 2)  # noqa: E731
+  plain = jax.grad(loss(lambda x, w: lowacc.dot_general(x, w, BATCHED, cfg)), (0, 1))(x, w)
+  counted = jax.grad(loss(lambda x, w: lowacc.dot_general(x, w, BATCHED, cfg, stats=True)[0]),
+                     (0, 1))(x, w)
+  for got, want in zip(counted, plain):
+    assert_bits_equal(got, want, f'gradient with stats=True, {ste}')
+  with pytest.raises(ValueError, match='stats=True needs a config with a simulated forward'):
+    lowacc.dot_general(x, w, BATCHED, AccumulatorConfig(acc=None), stats=True)
+
+
 def test_integer_operands_are_exact_or_refused():
   # int8/int16 convert exactly and give a float32 result: 16 * 127 * 127 = 258064 does not fit
   # int8, where lax.dot_general would wrap and a cast would saturate.

@@ -46,7 +46,7 @@ def test_rules_assign_first_match_and_float32_elsewhere():
   assert assigned == {'stem': None, 'proj': lowacc.PAPER_M7E4, 'scores': NARROW,
                       'mix': lowacc.PAPER_M7E4, 'head': None}
   assert net.stem.conv_general_dilated is lax.conv_general_dilated
-  assert net.proj.dot_general == lowacc.DotGeneral(lowacc.PAPER_M7E4, 'proj')
+  assert net.proj.dot_general == lowacc.DotGeneral(lowacc.PAPER_M7E4)
   assert Policy.everywhere(NARROW, skip=('^stem$',)).config_for('stem') is None
 
 
@@ -92,17 +92,25 @@ def test_two_stage_underflow_switch(x):
 
 def test_layer_counters(x):
   net = Net(nnx.Rngs(0))
-  apply_policy(net, Policy((Rule('^head$', None), Rule('.*', NARROW))))
-  stats = layer_stats(net, x)
-  assert set(stats) == {'stem', 'proj', 'scores', 'mix'}
+  policy = Policy((Rule('^head$', None), Rule('.*', NARROW)))
+  stats = layer_stats(net, policy, x)
+  # (jnp.einsum, inside nnx.Einsum, scopes its GEMM with the equation)
+  assert set(stats) == {'stem', 'proj', 'scores', 'mix/bqk,kh->bqh'}
   # 'scores' is (2, 25, 25) outputs over K = 8: 8 products + 2 chunk combines each.
   assert stats['scores']['steps'] == 2 * 25 * 25 * (8 + 2) and stats['scores']['calls'] == 1
   assert sum(s['sat'] + s['lost'] + s['flush'] for s in stats.values()) > 0
+  # A layer's counters are accumulation_stats of its operands, here made by hand-wired layers.
+  wired = Net(nnx.Rngs(0))
+  apply_policy(wired, policy)
+  h = wired.proj(wired.stem(x).reshape(2, 25, 4))
+  want = lowacc.accumulation_stats(h, h, (((2,), (2,)), ((0,), (0,))), NARROW)
+  assert {k: stats['scores'][k] for k in want} == jax.device_get(want)
   r = rates(stats)
   assert all(0 <= v <= 1 for layer in r.values() for v in layer.values())
-  with pytest.raises(ValueError, match='eagerly'):
-    with lowacc.collect_stats():
-      nnx.jit(lambda m, v: m(v))(net, x)
+  # What apply_policy put into the layers neither changes the counters nor is lost.
+  apply_policy(net, Policy.everywhere(lowacc.PAPER_M7E4))
+  assert layer_stats(net, policy, x) == stats
+  assert net.head.dot_general == lowacc.DotGeneral(lowacc.PAPER_M7E4)
 
 
 def test_policy_model_trains_under_jit_with_an_estimator(x):
@@ -176,7 +184,7 @@ def test_policy_on_bert_float32_equals_plain_and_counts_every_gemm(rng):
   assert_bits_equal(model(ids), plain(ids), 'acc=None everywhere')
   apply_policy(model, Policy.everywhere(lowacc.PAPER_M7E4))
   assert not np.array_equal(np.asarray(model(ids)), np.asarray(plain(ids)))
-  stats = layer_stats(model, ids)
+  stats = layer_stats(model, Policy.everywhere(lowacc.PAPER_M7E4), ids)
   assert set(stats) == set(assigned)
   assert all(s['steps'] > 0 for s in stats.values())
   assert stats['bert/encoder/layer/0/attention/self/qk']['steps'] == 2 * 2 * 8 * 8 * (8 + 1)
@@ -187,12 +195,13 @@ def test_policy_on_resnet_skips_first_and_last(rng):
   from lowacc.models import resnet
   model = resnet.resnet18(num_classes=4, stem='cifar', in_channels=1, width=2, rngs=nnx.Rngs(0))
   model.eval()
-  assigned = apply_policy(model, Policy.everywhere(lowacc.PAPER_M7E4, skip=('^conv1$', '^fc$')))
+  policy = Policy.everywhere(lowacc.PAPER_M7E4, skip=('^conv1$', '^fc$'))
+  assigned = apply_policy(model, policy)
   assert assigned['conv1'] is None and assigned['fc'] is None
   assert assigned['layer4/1/conv2'] == lowacc.PAPER_M7E4
   assert assigned['layer2/0/downsample/0'] == lowacc.PAPER_M7E4
   assert len(assigned) == 21  # 20 convs (3 of them downsample) and fc
-  stats = layer_stats(model, rng.standard_normal((1, 8, 8, 1)).astype(np.float32))
+  stats = layer_stats(model, policy, rng.standard_normal((1, 8, 8, 1)).astype(np.float32))
   assert set(stats) == {name for name, c in assigned.items() if c is not None}
   # layer1's 3x3 convs: 8x8 outputs x 2 channels, K = 9 * 2 = 18 -> 18 products + 2 combines.
   assert stats['layer1/0/conv1']['steps'] == 8 * 8 * 2 * (18 + 2)

@@ -80,9 +80,8 @@ def test_sweep_scores_each_point_once_in_parallel_as_serially_and_resumes(small_
   assert rows[0]['metric'] == baseline
   # The telemetry is the exported model's on the first 4 evaluation inputs, in eval mode.
   batch = next(iter(task.eval_batches(float32)))
-  apply_policy(model, train.policy_for(config, 'M3E4'))
   model.eval()
-  stats = layer_stats(model, np.asarray(batch['image'])[:4])
+  stats = layer_stats(model, train.policy_for(config, 'M3E4'), np.asarray(batch['image'])[:4])
   assert rows[1]['layers'] == {name: {k: float(s[k]) / max(s['steps'], 1)
                                       for k in ('sat', 'lost', 'flush')}
                                for name, s in stats.items()}

@@ -11,7 +11,7 @@ import pytest
 from configs import demo
 from experiments import reporting, sweep, train
 from lowacc import AccumulatorConfig, IntFormat, IntQuant, hardware
-from lowacc.nn import Policy, apply_policy, layer_stats, rates
+from lowacc.nn import Policy, layer_stats, rates
 
 HOPPER_FP8 = 'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3'
 # The integer axis's accumulator, spelled out: one register over the whole contraction, int8
@@ -80,9 +80,9 @@ def test_a_preset_and_an_integer_register_score_on_a_tiny_model(tmp_path):
             AccumulatorConfig(acc=IntFormat(12, 'saturate'), **INT_CONFIG))
   for row, acc_config in zip(rows[1:], direct):
     assert 0 <= row['metric'] <= 1 and set(row['layers']) == {'fc'}
-    apply_policy(model, Policy.everywhere(acc_config, skip=config.accumulator.skip))
     model.eval()
-    assert row['layers'] == rates(layer_stats(model, np.asarray(batch['image'])[:4]))
+    policy = Policy.everywhere(acc_config, skip=config.accumulator.skip)
+    assert row['layers'] == rates(layer_stats(model, policy, np.asarray(batch['image'])[:4]))
   assert rows[2]['layers']['fc']['sat'] > 0
   table = open(tmp_path / 's.md').read()
   assert f'| {HOPPER_FP8} | ' in table and '| 12 | - | ' in table
