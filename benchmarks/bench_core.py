@@ -69,7 +69,7 @@ def _xla_chunk_path(x, w):
   """CHUNK's forward through lowacc.dot's XLA path, which dot_general leaves for the native
   kernel on the CPU: the reference the kernel is measured against."""
   chain = _Chain.layout(CHUNK, x[None], w[None], None)
-  return _forward(chain, False)[0][0]
+  return _forward(chain, False, False)[0][0]
 
 
 def gemm(n=1024):

@@ -39,7 +39,7 @@ def exact_operands(rng, shape_x, shape_w, scale_exp):
 
 
 def xla_path(cfg, x, w):
-  return jax.jit(lambda a, b: _forward(_Chain.layout(cfg, a, b, None), False)[0])(x, w)
+  return jax.jit(lambda a, b: _forward(_Chain.layout(cfg, a, b, None), False, False)[0])(x, w)
 
 
 def brute_force_exact(a: FloatFormat, b: FloatFormat) -> bool:

@@ -116,7 +116,7 @@ def fma_dot(x, w, config: Union[AccumulatorConfig, DotConfig], *, block_m: int =
   when compiled; any size in interpret mode); a tile larger than the padded M or N shrinks to
   it. interpret: True for Pallas interpret mode, False for the compiled kernel, None for interpret
   mode on the CPU and compiled elsewhere (jax.default_backend()). num_warps: Triton's, per program.
-  Returns y (B, M, N) float32, bit for bit `lowacc.dot._accumulate(config, x, w, None)`.
+  Returns y (B, M, N) float32, bit for bit `lowacc.dot._accumulate(config, False, x, w, None)`.
   """
   cfg = _check_config(config)
   x, w = jnp.asarray(x), jnp.asarray(w)
