@@ -447,9 +447,8 @@ def _steps(fwd: AccumulatorConfig, lhs, rhs, dimension_numbers) -> int:
   """The accumulation steps of the GEMM: per output element, the inner chains' (a short last
   chunk's rounded up to whole groups) and the combine chain's."""
   _, _, (lb, lf, lc, rf) = _canonicalize(lhs, rhs, dimension_numbers)
-  b, m, k, n = (_size([shape[d] for d in dims])
-                for shape, dims in ((lhs.shape, lb), (lhs.shape, lf), (lhs.shape, lc),
-                                    (rhs.shape, rf)))
+  b, m, k = (_size([lhs.shape[d] for d in dims]) for dims in (lb, lf, lc))
+  n = _size([rhs.shape[d] for d in rf])
   if k == 0:
     raise ValueError('stats=True needs a non-empty contraction')
   c = fwd.chunk_size or k
