@@ -296,26 +296,27 @@ def fused_chain(xs, ws, kind) -> float:
 
 def int_step(s: int, u: int, bits: int, overflow: str):
   """s + u into a two's-complement accumulator of `bits`: wrapped modulo 2^bits or saturated.
-  -> (value, overflowed)"""
+  -> (value, (sat, lost, flush)), the contract's section-4 flags: the sum left the range; u != 0
+  but the value did not change; the value is 0 although the sum is not."""
   lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
   v = s + u
-  if overflow == 'wrap':
-    return (v - lo) % 2 ** bits + lo, not lo <= v <= hi
-  return min(max(v, lo), hi), not lo <= v <= hi
+  out = (v - lo) % 2 ** bits + lo if overflow == 'wrap' else min(max(v, lo), hi)
+  return out, (not lo <= v <= hi, u != 0 and out == s, out == 0 and v != 0)
 
 
 def int_chain(xs, ws, acc, chunk, order, combine):
   """An integer dot: chunks of `chunk` products, each added per product (order 'fma') or summed
   exactly and then stepped once ('chunk'), the chunk results stepped into `combine` (an IntFormat's
-  fields, or acc). -> (value, overflow count)"""
+  fields, or acc). -> (value, record), record as `chain`'s (per chunk: the inner steps' flags, the
+  combine step's flags), which `factors` reads."""
   comb = acc if combine == 'acc' else combine
-  total, overflows = 0, 0
+  total, record = 0, []
   for start in range(0, len(xs), chunk):
     products = [int(x) * int(w) for x, w in zip(xs[start:start + chunk], ws[start:start + chunk])]
-    s = 0
+    s, inner = 0, []
     for u in (products if order == 'fma' else [sum(products)]):
-      s, o = int_step(s, u, acc.bits, acc.overflow)
-      overflows += o
-    total, o = int_step(total, s, comb.bits, comb.overflow)
-    overflows += o
-  return total, overflows
+      s, flags = int_step(s, u, acc.bits, acc.overflow)
+      inner.append(flags)
+    total, cflags = int_step(total, s, comb.bits, comb.overflow)
+    record.append((inner, cflags))
+  return total, record
