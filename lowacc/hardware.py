@@ -22,11 +22,16 @@ instructions), the result of one being c of the next, from c = +0. A short last 
 with zero products, as zero-filled operands in hardware. `mma(arch, instruction, shape_and_type)`
 returns such a chain as an AccumulatorConfig, optionally promoted into an fp32 sum every N
 products (`promote_every`, DeepSeek-V3's two-level accumulation).
+
+`FlushedAddTree` is AMD CDNA2's MFMA for f16 and bf16 as mmasim models it: float32 adds of pairs
+or fours of products into c, flushing subnormals. `mma(arch, 'mfma', suffix)` gives it; the other
+MFMA models are refused with the reason (`NOT_MODELLED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 import jax.numpy as jnp
@@ -229,6 +234,91 @@ class FusedDotProduct(Accumulator):
                       flush=finite & (total != 0) & (r == 0))
 
 
+
+def _flush(v, min_exp: int, negative=None):
+  """v with every magnitude below 2^min_exp (zeros and subnormals) replaced by a zero: +0, or
+  signed by `negative` where given. Read from the bits (XLA on the CPU flushes subnormals)."""
+  small = (lax.bitcast_convert_type(v, _U32) & _U32(_ABS)) < _U32((127 + min_exp) << 23)
+  zero = 0.0 if negative is None else jnp.where(negative, -0.0, 0.0)
+  return jnp.where(small, zero, v)
+
+
+def _ftz_add(a, b):
+  """fl32(a + b) of float32 normals, zeros or specials, a subnormal result flushed to a zero of
+  its sign; an exact zero is signed as IEEE 754 signs it (-0 only for -0 + -0).
+  -> (sum, whether a nonzero sum was flushed)"""
+  cancel = a == -b
+  negative = jnp.where(cancel, jnp.signbit(a) & jnp.signbit(b), a < -b)
+  s = _flush(a + b, -126, negative)
+  return s, ~cancel & _is_zero(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlushedAddTree(Accumulator):
+  """An MFMA that adds products in float32 adds flushing subnormals: CDNA2's f16 and bf16
+  (mmasim 2.1.1's `MMA_FTZ_MUL_ADD`). One step is one instruction of `group` (its k) products
+  and the accumulator c:
+
+  1. operands are read in `in_type` ('f16' or 'bf16'); a subnormal or zero operand, and a
+     subnormal or zero c, reads as +0;
+  2. products are float32 products (exact for f16, nearest even for bf16), a subnormal product a
+     zero of its sign;
+  3. for each `tree` (2 or 4) consecutive products: their sum t (p0 + p1, or (p0 + p1) +
+     (p2 + p3)), then c <- c + t; every add rounds to nearest even in float32 and flushes a
+     subnormal result to a zero of its sign (an exact zero: IEEE 754's sign).
+
+  NaN and inf follow float32 arithmetic (mmasim leaves NaN payloads to the host CPU; they are not
+  modelled). A short last instruction is zero-filled (+0 operands), as in hardware. Flags: sat, a
+  result that overflowed (a product or a sum) to inf from finite operands; flush, c flushed to
+  zero inside the step. In lowacc's chain the result is added to a float32 total from +0 (spec
+  section 3), so the rare -0 of a flushed negative sum reads +0 where mmasim keeps -0.
+  """
+  in_type: str
+  group: int
+  tree: int = 4
+  orders = ('fma',)
+
+  def __post_init__(self):
+    _check_choice('FlushedAddTree', 'in_type', self.in_type, ('f16', 'bf16'))
+    if isinstance(self.tree, bool) or self.tree not in (2, 4):
+      raise ValueError(f'FlushedAddTree.tree={self.tree!r} is invalid: valid values are 2 and 4')
+    _check_int(self, 'group', 1)
+    if self.group % self.tree:
+      raise ValueError(f'FlushedAddTree.group={self.group} is invalid: must be a multiple of '
+                       f'tree={self.tree}')
+
+  @property
+  def name(self) -> str:
+    return f'FTZ{self.group}T{self.tree}.{self.in_type}.f32'
+
+  @property
+  def pad_product(self) -> float:
+    return 0.0
+
+  def terms(self, x, w):
+    """The operand slices x (L, B, M), w (L, B, N) in the input type, small values read as +0."""
+    read = lambda v: _flush(to_input_type(v, self.in_type), INPUT_TYPES[self.in_type][1])
+    return read(x), read(w)
+
+  def step(self, s, u, rand):
+    """c = s (B, M, N) and the `group` products of u = (x (L, B, M), w (L, B, N))."""
+    x, w = u
+    negative = jnp.signbit(x)[..., None] ^ jnp.signbit(w)[:, :, None, :]
+    p = _flush(x[..., None] * w[:, :, None, :], -126, negative)
+    c, flushed = _flush(s, -126), jnp.zeros(s.shape, bool)
+    for i in range(0, self.group, self.tree):
+      t = _ftz_add(p[i], p[i + 1])[0]
+      if self.tree == 4:
+        t = _ftz_add(t, _ftz_add(p[i + 2], p[i + 3])[0])[0]
+      c, f = _ftz_add(c, t)
+      flushed |= f
+    finite = (jnp.all(jnp.isfinite(x), axis=0)[..., None] & jnp.all(jnp.isfinite(w), axis=0)[
+        :, None, :] & jnp.isfinite(s))  # finite operands: an inf result overflowed
+    nonzero = jnp.any(~_is_zero(p), axis=0)
+    return c, Flags(sat=finite & ~jnp.isfinite(c), lost=finite & nonzero & (c == s),
+                    flush=finite & flushed)
+
+
 # Per NVIDIA generation (from mmasim's model): F, the bytes of operands one fused group takes,
 # and e_zero of a zero term for an fp16 output (fp32 outputs: 112 lower).
 ARCHS = ('Volta', 'Turing', 'Ampere', 'Ada Lovelace', 'Hopper', 'Blackwell', 'RTX Blackwell')
@@ -246,9 +336,20 @@ NOT_MODELLED = {
     'block-scaled': 'block-scaled (MX) instructions take per-block scale operands that '
                     'dot_general does not carry, and the k=64 ones sum 35 fraction bits, beyond '
                     "this model's 32-bit sum",
-    'mfma': "AMD's MFMA sums products in other orders (fused pairs, FTZ adds, a second fused "
-            'level) that this model does not cover yet',
+    'mfma-fma': 'f32 MFMA are chains of float32 FMAs (mmasim MMA_FMA: each product exact, one '
+                'rounding per add), and lowacc rounds a float32 product before its add',
+    'mfma-exact': "CDNA1's f16 and bf16 MFMA round the exact sum of 4 (f16) or 2 (bf16) products "
+                  'and c once into fp32 (mmasim MMA_E_FDPA), a sum over the whole exponent range '
+                  "that no kind here carries",
+    'mfma-two-level': "CDNA3's MFMA add a fused sum of 8 products (4 for xf32; even and odd "
+                      'halves of 16 for fp8) and c in a second fused level (mmasim MMA_TR_FDPA, '
+                      'MMA_GTR_FDPA), not modelled yet',
 }
+# MFMA suffixes, as mmasim spells them: CDNA1/CDNA2 'f32_32x32x8f16', 'f32_32x32x8bf16_1k';
+# CDNA3 'f32_32x32x8_f16', 'f32_4x4x4_16b_f16', 'f32_16x16x32_fp8_bf8'.
+_MFMA_OLD = re.compile(r'(f32|f64)_(\d+)x(\d+)x(\d+)(f32|f16|bf16|f64)(_1k)?')
+_MFMA_CDNA3 = re.compile(r'(f32|f64)_(\d+)x(\d+)x(\d+)(?:_\d+b)?_(xf32|f32|f16|bf16|f64|fp8|bf8)'
+                         r'(?:_(fp8|bf8))?')
 
 
 def _parse(instruction: str, shape_and_type: str):
@@ -279,15 +380,23 @@ def _parse(instruction: str, shape_and_type: str):
 def mma(arch: str, instruction: str, shape_and_type: str,
         promote_every: Optional[int] = None) -> AccumulatorConfig:
   """The accumulation of K chained `instruction`s of `arch` (mmasim's names: arch 'Volta' ...
-  'RTX Blackwell', instruction 'mma', 'wgmma' or 'tcgen05.mma', shape_and_type as PTX spells it,
-  e.g. 'm16n8k16.f32.f16.f16.f32', 'm64n8k32.f32.e4m3.e4m3'), as an AccumulatorConfig for
-  `lowacc.dot_general`, `matmul`, `conv_general_dilated`, policies and `simulate`.
+  'RTX Blackwell', 'CDNA1'..'CDNA3', instruction 'mma', 'wgmma', 'tcgen05.mma' or 'mfma',
+  shape_and_type as PTX spells it, e.g. 'm16n8k16.f32.f16.f16.f32', 'm64n8k32.f32.e4m3.e4m3', or
+  an MFMA suffix as mmasim spells it, e.g. 'f32_32x32x8f16', 'f32_32x32x8bf16_1k'), as an
+  AccumulatorConfig for `lowacc.dot_general`, `matmul`, `conv_general_dilated`, policies and
+  `simulate`.
 
   Operands are read in the instruction's input types (nearest-even casts; tf32 truncates), K is
   chained in fused groups (`FusedDotProduct`) from a zero accumulator, and the result is in the
   output type. promote_every: add the running sum into an fp32 accumulator (nearest-even) every
   that many products, restarting the instruction chain from zero (CUTLASS / DeepSeek-V3).
-  Source: MMA-Sim (arXiv 2511.10909), mmasim 2.1.1, which the tests match bit for bit.
+
+  Modelled: every NVIDIA mma / wgmma / tcgen05.mma of mmasim but float64 and block-scaled ones;
+  AMD MFMA on CDNA2 for f16 and bf16 (`FlushedAddTree`; CDNA1's f16 and bf16 suffixes run there
+  too; a -0 result reads +0, see its doc). Refused, with `NOT_MODELLED`'s reason: float64; block
+  scaling; f32 MFMA (FMA chains); CDNA1's f16 and bf16 (an exact sum rounded once); CDNA3 (a
+  two-level fused sum). Source: MMA-Sim (arXiv 2511.10909), mmasim 2.1.1 (nv_ptx/ and
+  amd/sim.py), which the tests match bit for bit.
   """
   if instruction not in INSTRUCTIONS:
     raise ValueError(f'instruction={instruction!r} is invalid: valid instructions are '
@@ -296,7 +405,7 @@ def mma(arch: str, instruction: str, shape_and_type: str,
     raise ValueError(f'arch={arch!r} is invalid for instruction={instruction!r}: valid archs are '
                      f'{INSTRUCTIONS[instruction]}')
   if instruction == 'mfma':
-    raise ValueError(f'instruction={instruction!r} on {arch}: {NOT_MODELLED["mfma"]}')
+    return _mfma(arch, shape_and_type, promote_every)
   k, d, a, b, c = _parse(instruction, shape_and_type)
   fraction_bits, group_bytes, e_zero = _GENERATION[arch]
   out_bits = 23
@@ -312,6 +421,35 @@ def mma(arch: str, instruction: str, shape_and_type: str,
                         a_type=a, b_type=b, output=d, rounding=rounding,
                         out_fraction_bits=10 if d == 'f16' else out_bits,
                         c_type=None if c == d else c)
+  return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
+                           combine=None if promote_every is None else FP32)
+
+
+def _mfma(arch: str, suffix: str, promote_every: Optional[int]) -> AccumulatorConfig:
+  """The MFMA preset of `mma` (mmasim 2.1.1's amd/sim.py): CDNA2's f16 and bf16."""
+  cdna3 = arch == 'CDNA3'
+  match = (_MFMA_CDNA3 if cdna3 else _MFMA_OLD).fullmatch(suffix) if isinstance(suffix, str) \
+      else None
+  one_k = bool(match and not cdna3 and match[6])  # CDNA2's bf16 '_1k' instructions
+  if not match or one_k and arch != 'CDNA2':
+    form = ("'f32_<M>x<N>x<K>_<type>', e.g. 'f32_32x32x8_f16'" if arch == 'CDNA3' else
+            "'f32_<M>x<N>x<K><type>', e.g. 'f32_32x32x8f16'"
+            + (" or 'f32_32x32x8bf16_1k'" if arch == 'CDNA2' else ''))
+    raise ValueError(f'shape_and_type={suffix!r} is invalid for mfma on {arch}: expected {form}')
+  d, k, a = match[1], int(match[4]), match[5]
+  if 'f64' in (d, a):
+    raise ValueError(f'shape_and_type={suffix!r}: {NOT_MODELLED["f64"]}')
+  if a == 'f32':
+    raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-fma"]}')
+  if arch == 'CDNA1':
+    raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-exact"]}')
+  if arch == 'CDNA3':
+    raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-two-level"]}')
+  tree = 2 if a == 'bf16' and not one_k else 4
+  if k % tree:
+    raise ValueError(f'shape_and_type={suffix!r}: k={k} is invalid for {arch}, which adds '
+                     f'{a} products in trees of {tree}: use a multiple of {tree}')
+  acc = FlushedAddTree(in_type=a, group=k, tree=tree)
   return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
                            combine=None if promote_every is None else FP32)
 

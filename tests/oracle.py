@@ -294,6 +294,45 @@ def fused_chain(xs, ws, kind) -> float:
   return c
 
 
+def ftz_add(a: float, b: float) -> float:
+  """fl32(a + b), nearest even, a subnormal result flushed to a zero of its sign; an exact zero
+  signed as IEEE 754 signs it. Specials as float arithmetic."""
+  if not (math.isfinite(a) and math.isfinite(b)):
+    return a + b
+  v, negative_zero = add(a, b)
+  r = round_value(v, FLOAT32, negative_zero=negative_zero)[0]
+  return math.copysign(0.0, r) if abs(r) < F32_MIN_NORMAL else r
+
+
+def ftz_product(x: float, w: float, min_exp: int) -> float:
+  """Operands below 2^min_exp (zeros included) read as +0; the float32 product (nearest even),
+  a subnormal product flushed to a zero of its sign."""
+  x, w = (0.0 if abs(v) < 2.0 ** min_exp else v for v in (x, w))
+  if not (math.isfinite(x) and math.isfinite(w)):
+    return x * w
+  negative = (math.copysign(1, x) < 0) != (math.copysign(1, w) < 0)
+  r = round_value(Fraction(x) * Fraction(w), FLOAT32, negative_zero=negative)[0]
+  return math.copysign(0.0, r) if abs(r) < F32_MIN_NORMAL else r
+
+
+def ftz_tree_chain(xs, ws, kind) -> float:
+  """An MFMA of float32 adds that flush subnormals (lowacc.hardware.FlushedAddTree's doc), read
+  from the kind's in_type, group and tree: per instruction of `group` products (zero-filled), c
+  read as +0 if subnormal, then c <- c + (sum of each `tree` products, pairwise)."""
+  c = 0.0
+  for start in range(0, len(xs), kind.group):
+    p = [ftz_product(x, w, TYPE_MIN_EXP[kind.in_type])
+         for x, w in zip(xs[start:start + kind.group], ws[start:start + kind.group])]
+    p += [0.0] * (kind.group - len(p))
+    c = 0.0 if abs(c) < F32_MIN_NORMAL else c
+    for i in range(0, kind.group, kind.tree):
+      t = ftz_add(p[i], p[i + 1])
+      if kind.tree == 4:
+        t = ftz_add(t, ftz_add(p[i + 2], p[i + 3]))
+      c = ftz_add(c, t)
+  return c
+
+
 def int_step(s: int, u: int, bits: int, overflow: str):
   """s + u into a two's-complement accumulator of `bits`: wrapped modulo 2^bits or saturated.
   -> (value, (sat, lost, flush)), the contract's section-4 flags: the sum left the range; u != 0

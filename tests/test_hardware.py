@@ -20,7 +20,7 @@ from tests.conftest import assert_bits_equal
 torch = pytest.importorskip('torch')
 mmasim = pytest.importorskip('mmasim')
 from mmasim import nv_ptx  # noqa: E402
-from mmasim.amd import isa_mfma  # noqa: E402
+from mmasim.amd import MFMA, isa_mfma  # noqa: E402
 from mmasim.nv_ptx import isa_mma, isa_tcgen05mma, isa_wgmma  # noqa: E402
 
 BATCHED = (((2,), (1,)), ((0,), (0,)))
@@ -63,6 +63,12 @@ def _distinct(entries):
 
 NV = _distinct(_nv_table())
 MODELLED = [e for e in NV if not e[3] and 'f64' not in e[2]]
+AMD = [(arch, suffix) for arch, suffixes in isa_mfma.arch_mfma_suffix.items()
+       for suffix in suffixes]
+# What lowacc models of mmasim's AMD table: CDNA2's f16 and bf16 (float32 adds flushing
+# subnormals); CDNA1's exact sums, CDNA3's two-level sums, f32 FMA chains and f64 are refused.
+AMD_MODELLED = [(arch, suffix) for arch, suffix in AMD
+                if arch == 'CDNA2' and suffix[-3:] in ('f16', '_1k')]
 
 
 def test_every_mmasim_entry_is_a_preset_or_a_named_exclusion():
@@ -75,9 +81,11 @@ def test_every_mmasim_entry_is_a_preset_or_a_named_exclusion():
     else:
       assert isinstance(hardware.mma(arch, instruction, shape_and_type).acc,
                         hardware.FusedDotProduct)
-  for arch, suffixes in isa_mfma.arch_mfma_suffix.items():
-    for suffix in suffixes:
-      with pytest.raises(ValueError, match='MFMA'):
+  for arch, suffix in AMD:
+    if (arch, suffix) in AMD_MODELLED:
+      assert isinstance(hardware.mma(arch, 'mfma', suffix).acc, hardware.FlushedAddTree)
+    else:
+      with pytest.raises(ValueError, match='float64|FMAs|CDNA1|CDNA3'):
         hardware.mma(arch, 'mfma', suffix)
 
 
@@ -177,6 +185,115 @@ def test_preset_equals_mmasim(entries):
                              f'{expected[bad[:4]]}')
 
 
+def _mfma_type(op):
+  return 'f16' if op.a_type == torch.float16 else 'bf16'
+
+
+def _mfma_reference(op, x, w):
+  """mmasim: MFMA instructions of k chained through c from +0."""
+  c = torch.zeros(x.shape[0])
+  for i in range(0, x.shape[1], op.k):
+    c = op.dpa(_to_mmasim(x[:, i:i + op.k], _mfma_type(op)),
+               _to_mmasim(w[:, i:i + op.k], _mfma_type(op)), c)
+  return c.numpy()
+
+
+def _plus_zero(d):
+  """d with -0 as +0: lowacc adds a chain's result to its float32 total from +0 (spec section
+  3), so mmasim's rare -0 (a flushed negative sum) reads +0 (test_mfma_flushes_a_sum_...)."""
+  return np.where(d == 0, np.float32(0), d)
+
+
+def _same_mfma(entries):
+  groups = {}
+  for arch, suffix in entries:
+    groups.setdefault(hardware.mma(arch, 'mfma', suffix), []).append((arch, suffix))
+  return list(groups.values())
+
+
+@pytest.mark.parametrize('entries', _same_mfma(AMD_MODELLED),
+                         ids=lambda g: f'{g[0][0]}:{g[0][1]}+{len(g) - 1}')
+def test_mfma_preset_equals_mmasim(entries):
+  """Bit for bit, but for NaN payloads: mmasim's CDNA2 model leaves them to the host CPU."""
+  cfg = hardware.mma(entries[0][0], 'mfma', entries[0][1])
+  name = cfg.acc.in_type
+  for chained in (1, 3):
+    x, w = _case(name, name, cfg.acc.group * chained)
+    y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+    for arch, suffix in entries:
+      expected = _plus_zero(_mfma_reference(MFMA(arch, suffix), x, w))
+      assert_bits_equal(y, expected, f'{arch} {suffix}, K={x.shape[1]}')
+
+
+@pytest.mark.parametrize('suffix', ['f32_32x32x8f16', 'f32_16x16x8bf16', 'f32_4x4x4bf16_1k'])
+def test_mfma_oracle_agrees_with_mmasim_and_lowacc(suffix):
+  """The oracle's exact-rational flushing adds, on every kind of row, K = 2k (k = 4 for
+  f32_4x4x4bf16_1k: K = 7, a zero-filled last instruction, against lowacc only)."""
+  op = MFMA('CDNA2', suffix)
+  cfg = hardware.mma('CDNA2', 'mfma', suffix)
+  x, w = _case(_mfma_type(op), _mfma_type(op), op.k * 2)
+  exact = np.array([oracle.ftz_tree_chain([float(v) for v in xi], [float(v) for v in wi],
+                                          cfg.acc) for xi, wi in zip(x, w)], np.float32)
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(exact, _mfma_reference(op, x, w), 'oracle against mmasim')
+  assert_bits_equal(y, _plus_zero(exact), 'lowacc against the oracle')
+  short = [oracle.ftz_tree_chain([float(v) for v in xi[:7]], [float(v) for v in wi[:7]],
+                                 cfg.acc) for xi, wi in zip(x, w)]
+  y = np.asarray(lowacc.dot_general(x[:, None, :7], w[:, :7, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(y, _plus_zero(np.array(short, np.float32)), 'a zero-filled last instruction')
+
+
+def test_mfma_instruction_equals_mmasim_from_any_accumulator():
+  """One instruction (`FlushedAddTree.step`) from c of every kind: normal, wide-range, subnormal,
+  signed zeros, inf, NaN; the rows of -0 c and -0 products give +0 (c is read as +0)."""
+  for suffix in ('f32_4x4x4bf16_1k', 'f32_32x32x8f16', 'f32_16x16x8bf16'):
+    op, cfg = MFMA('CDNA2', suffix), hardware.mma('CDNA2', 'mfma', suffix)
+    x, w = _case(cfg.acc.in_type, cfg.acc.in_type, op.k)
+    c = _operands('tf32', 1, np.random.default_rng(5))[:, 0]
+    x[:8], w[:8], c[:8] = 0.0, -1.0, -0.0
+    expected = op.dpa(_to_mmasim(x, cfg.acc.in_type), _to_mmasim(w, cfg.acc.in_type),
+                      torch.from_numpy(c)).numpy()
+    terms = cfg.acc.terms(x.T[:, :, None], w.T[:, :, None])  # (L, B, 1): B = the rows
+    y, _ = cfg.acc.step(c[:, None, None], terms, None)
+    assert_bits_equal(np.asarray(y).ravel(), expected, suffix)
+    assert not np.signbit(expected[:8]).any()
+
+
+def test_mfma_counters_and_gradients_go_through_the_kind():
+  """bf16 products past float32's range: sat where mmasim overflows to inf from finite operands;
+  immediate_of zeroes the products of those instructions."""
+  import jax
+  suffix = 'f32_32x32x8bf16_1k'
+  op, cfg = MFMA('CDNA2', suffix), hardware.mma('CDNA2', 'mfma', suffix)
+  rng = np.random.default_rng(8)
+  x = _in_type(rng.standard_normal((32, 8)) * 2.0 ** 63, 'bf16')
+  w = _in_type(rng.standard_normal((32, 8)) * 2.0 ** 63, 'bf16')
+  overflowed = np.isinf(_mfma_reference(op, x, w))
+  assert 0 < overflowed.sum() < 32
+  xs, ws = x[:, None, :], w[:, :, None]
+  stats = lowacc.accumulation_stats(xs, ws, BATCHED, cfg)
+  assert stats['steps'] == 32 and int(stats['sat']) == overflowed.sum()
+  loss = lambda x: lowacc.dot_general(x, ws, BATCHED, cfg.replace(ste='immediate_of')).sum()
+  g = np.asarray(jax.grad(loss)(xs))[:, 0]
+  np.testing.assert_array_equal(g, np.where(overflowed[:, None], 0.0, w))
+
+
+def test_mfma_flushes_a_sum_to_a_zero_of_its_sign():
+  """CDNA2 bf16, k = 4: c = 2^-126, then c - 2^-126 (1 + 2^-7) = -2^-133 flushes to -0, as
+  mmasim and the oracle give it; lowacc's chain then adds that result to its float32 total from
+  +0 (spec section 3), which makes it +0, the one difference from mmasim (`FlushedAddTree`)."""
+  op, cfg = MFMA('CDNA2', 'f32_4x4x4bf16_1k'), hardware.mma('CDNA2', 'mfma', 'f32_4x4x4bf16_1k')
+  tiny = 2.0 ** -63
+  x = np.array([[tiny, 0, 0, 0, -tiny * (1 + 2 ** -7), 0, 0, 0]], np.float32)
+  w = np.array([[tiny, 1, 1, 1, tiny, 1, 1, 1]], np.float32)
+  expected = _mfma_reference(op, x, w)
+  assert expected.view(np.uint32)[0] == 0x80000000
+  exact = oracle.ftz_tree_chain(list(map(float, x[0])), list(map(float, w[0])), cfg.acc)
+  assert np.float32(exact).view(np.uint32) == 0x80000000
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert y.view(np.uint32)[0] == 0
+
+
 ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'),
                 ('wgmma', 'Hopper', 'm64n8k32.f32.e4m3.e5m2'),
                 ('mma', 'Ampere', 'm16n8k8.f32.bf16.bf16.f32'),
@@ -249,7 +366,13 @@ def test_counters_and_gradients_go_through_the_kind():
     (('Ampere', 'wgmma', 'm64n8k16.f32.f16.f16'), 'arch'),
     (('Hopper', 'mma', 'm16n8k16.f32.f16.f16'), 'shape_and_type'),
     (('Hopper', 'mma', 'm16n8k16.f32.f17.f16.f32'), 'a type'),
-    (('Hopper', 'mma', 'm16n8k16.f64.f64.f64.f64'), 'float64')])
+    (('Hopper', 'mma', 'm16n8k16.f64.f64.f64.f64'), 'float64'),
+    (('CDNA2', 'mfma', 'f32_32x32x8_f16'), "shape_and_type='f32_32x32x8_f16' is invalid for "
+                                           'mfma on CDNA2'),
+    (('CDNA1', 'mfma', 'f32_32x32x8bf16_1k'), 'is invalid for mfma on CDNA1'),
+    (('CDNA3', 'mfma', 'f32_32x32x8f16'), 'is invalid for mfma on CDNA3'),
+    (('CDNA2', 'mfma', 'f32_32x32x6bf16_1k'), 'k=6 is invalid for CDNA2'),
+    (('CDNA2', 'mfma', 'f32_32x32x2f32'), 'FMAs')])
 def test_bad_names_are_one_clear_error(args, field):
   with pytest.raises(ValueError, match=field):
     hardware.mma(*args)
