@@ -23,9 +23,11 @@ with zero products, as zero-filled operands in hardware. `mma(arch, instruction,
 returns such a chain as an AccumulatorConfig, optionally promoted into an fp32 sum every N
 products (`promote_every`, DeepSeek-V3's two-level accumulation).
 
-`FlushedAddTree` is AMD CDNA2's MFMA for f16 and bf16 as mmasim models it: float32 adds of pairs
-or fours of products into c, flushing subnormals. `mma(arch, 'mfma', suffix)` gives it; the other
-MFMA models are refused with the reason (`NOT_MODELLED`).
+AMD's MFMA as mmasim models them, from `mma(arch, 'mfma', suffix)`: `FlushedAddTree` is CDNA2's
+for f16 and bf16 (float32 adds of pairs or fours of products into c, flushing subnormals);
+`TwoLevelFusedSum` is CDNA3's for xf32, f16, bf16 and fp8 (a fused sum truncated 24 bits below
+its largest product, then added to c in a second fused level that rounds down, then to nearest
+even). The other MFMA models are refused with the reason (`NOT_MODELLED`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ INPUT_TYPES = {
     'e2m3': (3, 0, FloatFormat(2, 3, **_SMALL)),
     'e2m1': (1, 0, FloatFormat(2, 1, **_SMALL)),
 }
+# MFMA input types, by mmasim's names: xf32 is read as tf32; fp8 and bf8 are CDNA3's e4m3fnuz and
+# e5m2fnuz (no inf, no -0).
+MFMA_INPUT_TYPES = {'xf32': INPUT_TYPES['tf32'], 'f16': INPUT_TYPES['f16'],
+                    'bf16': INPUT_TYPES['bf16'], 'fp8': (3, -7, jnp.float8_e4m3fnuz),
+                    'bf8': (2, -15, jnp.float8_e5m2fnuz)}
+_ALL_TYPES = {**INPUT_TYPES, **MFMA_INPUT_TYPES}
 # Output (and accumulator) types: (smallest normal exponent, largest exponent, NaN bits in float32).
 OUTPUT_TYPES = {'f32': (-126, 127, 0x7FFFFFFF), 'f16': (-14, 15, 0x7FFFE000)}
 ROUNDINGS = ('toward_zero', 'nearest_even')
@@ -64,9 +72,9 @@ _SIGN, _ABS, _INF = 0x80000000, 0x7FFFFFFF, 0x7F800000
 
 
 def to_input_type(x, name: str):
-  """float32 x read as input type `name`: tf32 truncates, the others round to nearest even (FP6
-  and FP4 saturate)."""
-  rounding = INPUT_TYPES[name][2]
+  """float32 x read as input type `name` (INPUT_TYPES, MFMA_INPUT_TYPES): tf32 and xf32
+  truncate, the others round to nearest even (FP6 and FP4 saturate)."""
+  rounding = _ALL_TYPES[name][2]
   if rounding is None:
     bits = lax.bitcast_convert_type(x, _U32) & _U32(0xFFFFE000)
     return lax.bitcast_convert_type(bits, jnp.float32)
@@ -106,6 +114,31 @@ def _bit_length(s):
   """floor(log2 s) + 1 of uint32 s (0 for s = 0)."""
   hi = lax.shift_right_logical(s, _U32(16))
   return jnp.where(hi > 0, 17 + _floor_log2(hi), 1 + _floor_log2(s & _U32(0xFFFF)))
+
+
+def _round(total, base, p: int, min_exp: int, nearest_even: bool):
+  """The exact total 2^base (uint32 total) normalised and rounded to p fraction bits below its
+  leading bit, or below min_exp (subnormals): toward zero, or to nearest even.
+  -> (r, float32 bits of r 2^quantum, the result's leading exponent), for r > 0."""
+  lead = base + _bit_length(total) - 1
+  quantum = jnp.maximum(lead, min_exp) - p
+  drop = quantum - base
+  d = jnp.clip(drop, 0, 32)
+  kept = jnp.where(d >= 32, _U32(0), lax.shift_right_logical(total, jnp.minimum(d, 31)
+                                                            .astype(_U32)))
+  if nearest_even:
+    mask = jnp.where(d >= 32, _U32(0xFFFFFFFF),
+                     lax.shift_left(_U32(1), jnp.minimum(d, 31).astype(_U32)) - _U32(1))
+    rem = total & mask
+    half = lax.shift_left(_U32(1), jnp.maximum(d - 1, 0).astype(_U32))
+    up = (d > 0) & (drop <= 32) & ((rem > half) | ((rem == half) & ((kept & _U32(1)) == 1)))
+    kept = kept + up.astype(_U32)
+  r = jnp.where(drop <= 0, _shift(total, -drop), kept)  # |result| = r 2^quantum, r <= 2^(p+1)
+  r_lead = quantum + _bit_length(r) - 1
+  normal_bits = (lax.bitcast_convert_type(r.astype(jnp.float32), jnp.int32)
+                 + lax.shift_left(quantum, 23)).astype(_U32)
+  subnormal_bits = lax.shift_left(r, jnp.clip(quantum + 149, 0, 31).astype(_U32))
+  return r, jnp.where(r_lead < -126, subnormal_bits, normal_bits), r_lead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,28 +224,8 @@ class FusedDotProduct(Accumulator):
     negative = negs > pos
     total = jnp.where(negative, negs - pos, pos - negs)  # exact: |sum| = total 2^(e_max - F)
 
-    # Normalise and round: keep out_fraction_bits below the leading bit (or below min_out).
-    base = e_max - F
-    lead = base + _bit_length(total) - 1
-    p = self.out_fraction_bits
-    quantum = jnp.maximum(lead, min_out) - p
-    drop = quantum - base
-    d = jnp.clip(drop, 0, 32)
-    kept = jnp.where(d >= 32, _U32(0), lax.shift_right_logical(total, jnp.minimum(d, 31)
-                                                              .astype(_U32)))
-    if self.rounding == 'nearest_even':
-      mask = jnp.where(d >= 32, _U32(0xFFFFFFFF),
-                       lax.shift_left(_U32(1), jnp.minimum(d, 31).astype(_U32)) - _U32(1))
-      rem = total & mask
-      half = lax.shift_left(_U32(1), jnp.maximum(d - 1, 0).astype(_U32))
-      up = (d > 0) & (drop <= 32) & ((rem > half) | ((rem == half) & ((kept & _U32(1)) == 1)))
-      kept = kept + up.astype(_U32)
-    r = jnp.where(drop <= 0, _shift(total, -drop), kept)  # |result| = r 2^quantum, r <= 2^(p+1)
-    r_lead = quantum + _bit_length(r) - 1
-    normal_bits = (lax.bitcast_convert_type(r.astype(jnp.float32), jnp.int32)
-                   + lax.shift_left(quantum, 23)).astype(_U32)
-    subnormal_bits = lax.shift_left(r, jnp.clip(quantum + 149, 0, 31).astype(_U32))
-    mag = jnp.where(r_lead < -126, subnormal_bits, normal_bits)
+    r, mag, r_lead = _round(total, e_max - F, self.out_fraction_bits, min_out,
+                            self.rounding == 'nearest_even')
     over = r_lead > max_out
     mag = jnp.where(over, _U32(_INF), mag)
     bits = jnp.where(r == 0, _U32(0), mag | jnp.where(negative, _U32(_SIGN), _U32(0)))
@@ -319,6 +332,147 @@ class FlushedAddTree(Accumulator):
                     flush=finite & flushed)
 
 
+
+_NO_EXP = -1000  # the exponent of a zero product: below every other
+
+
+def _first_level(m, q, e, neg):
+  """Products m 2^q (L, B, M, N) of exponents e, each truncated toward zero to a multiple of
+  2^(e_max - 24), summed exactly. -> (D as int32, e_max): the sum is D 2^(e_max - 24)."""
+  e_max = jnp.max(e, axis=0)
+  t = _shift(m, q + 24 - e_max)  # < 2^26: a product is below 4 2^e
+  pos = jnp.sum(jnp.where(neg, _U32(0), t), axis=0).astype(jnp.int32)
+  return pos - jnp.sum(jnp.where(neg, t, _U32(0)), axis=0).astype(jnp.int32), e_max
+
+
+def _floor_shift(v, k):
+  """floor(v 2^-k) of int32 v for int32 k >= 0."""
+  return lax.shift_right_arithmetic(v, jnp.minimum(k, 31))
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoLevelFusedSum(Accumulator):
+  """CDNA3's MFMA (mmasim 2.1.1's MMA_TR_FDPA; with `halves`, the fp8 MMA_GTR_FDPA). One step
+  takes `group` products and the accumulator c:
+
+  1. operands are read in their input types (MFMA_INPUT_TYPES) with exponents e =
+     max(floor(log2 |x|), e_min); products are exact, with exponent e_a + e_b; a product of 2^128
+     or more is inf;
+  2. first level: each product truncated toward zero to a multiple of 2^(e_max - 24), e_max the
+     largest exponent of the nonzero products, and summed exactly: D. With `halves` the even and
+     the odd products are two such sums, each rounded down (toward -inf) to a multiple of
+     2^(e_dot - 24), e_dot the larger of their e_max, and added;
+  3. second level: E = max(e_dot, e_c) (c's exponent as in 1, e_min -126; a zero c: -126); D
+     rounded down to a multiple of 2^(E - 32), c to one of 2^(E - 24) (with `halves`, a c with
+     e_c < E - 25 counts as 0); v, their exact sum;
+  4. v rounded down to 31 fraction bits below max(floor(log2 |v|), -126), then to nearest even
+     into fp32 (subnormals; overflow to inf). A zero is +0, or -0 where a negative v rounds to 0
+     (which lowacc's chain then adds to its float32 total from +0, reading +0);
+  5. NaN (0x7FFFFFFF) from a NaN, inf * 0 or inf - inf; otherwise an inf gives that inf. With
+     `halves`, mmasim reads an inf or NaN c as of exponent -1, so that it counts as 0 (step 3)
+     where e_dot > 24; this follows it (real hardware is not known to do so).
+  """
+  a_type: str
+  b_type: str
+  group: int
+  halves: bool = False
+  orders = ('fma',)
+
+  def __post_init__(self):
+    for field in ('a_type', 'b_type'):
+      _check_choice('TwoLevelFusedSum', field, getattr(self, field), tuple(MFMA_INPUT_TYPES))
+    _check_int(self, 'group', 1, 16)
+    if not isinstance(self.halves, bool) or self.halves and self.group % 2:
+      raise ValueError(f'TwoLevelFusedSum.halves={self.halves!r} is invalid with group='
+                       f'{self.group}: use a bool, and an even group for halves=True')
+
+  @property
+  def name(self) -> str:
+    return f'TLF{self.group}{"H" if self.halves else ""}.{self.a_type}.{self.b_type}.f32'
+
+  @property
+  def pad_product(self) -> float:
+    return 0.0
+
+  def terms(self, x, w):
+    """The operand slices x (L, B, M), w (L, B, N) read in their input types."""
+    return to_input_type(x, self.a_type), to_input_type(w, self.b_type)
+
+  def step(self, s, u, rand):
+    """c = s (B, M, N) fused with the `group` products of u = (x (L, B, M), w (L, B, N))."""
+    x, w = u
+    (fa, ea, _), (fb, eb, _) = MFMA_INPUT_TYPES[self.a_type], MFMA_INPUT_TYPES[self.b_type]
+    _, mx, qx, ex = _decompose(jnp.where(jnp.isfinite(x), x, 0.0), fa, ea, 0)
+    _, mw, qw, ew = _decompose(jnp.where(jnp.isfinite(w), w, 0.0), fb, eb, 0)
+    neg = jnp.signbit(x)[..., None] ^ jnp.signbit(w)[:, :, None, :]
+    m = mx[..., None] * mw[:, :, None, :]
+    q = qx[..., None] + qw[:, :, None, :]
+    # Zero operands from the significands: XLA on the CPU may compare subnormals as zeros.
+    zero_x, zero_w = (mx == 0) & jnp.isfinite(x), (mw == 0) & jnp.isfinite(w)
+    e = jnp.where(m == 0, _NO_EXP, ex[..., None] + ew[:, :, None, :])
+    big = (m != 0) & (q + _bit_length(m) - 1 >= 128)  # overflows to inf
+    if self.halves:
+      (d_even, e_even), (d_odd, e_odd) = (_first_level(m[i::2], q[i::2], e[i::2], neg[i::2])
+                                          for i in (0, 1))
+      e_dot = jnp.maximum(e_even, e_odd)
+      dot = (_floor_shift(d_even, e_dot - e_even) + _floor_shift(d_odd, e_dot - e_odd))
+    else:
+      dot, e_dot = _first_level(m, q, e, neg)
+    nc, mc, qc, ec = _decompose(jnp.where(jnp.isfinite(s), s, 0.0), 23, -126, -126)
+    top = jnp.maximum(e_dot, ec)  # E
+    # D 2^(e_dot - 24) rounded down to a multiple of 2^(E - 32), as hi 2^8 + lo (0 <= lo < 2^8),
+    # in units of 2^(E - 32): k = e_dot - E + 8 <= 8.
+    k = e_dot - top + 8
+    k_up = jnp.clip(k, 0, 8)
+    a = _floor_shift(dot, jnp.maximum(-k, 0))
+    hi = jnp.where(k >= 0, _floor_shift(dot, 8 - k_up), _floor_shift(a, 8))
+    lo = jnp.where(k >= 0, lax.shift_left(dot, k_up), a) & 0xFF
+    # c rounded down to a multiple of 2^(E - 24): C, in units of 2^(E - 24).
+    r_c = top - 24 - qc
+    c_mag = _shift(mc, -r_c).astype(jnp.int32)
+    dropped = jnp.where(r_c >= 32, mc != 0, (mc & (lax.shift_left(
+        _U32(1), jnp.clip(r_c, 0, 31).astype(_U32)) - _U32(1))) != 0) & (r_c > 0)
+    c_int = jnp.where(nc, -c_mag - dropped.astype(jnp.int32), c_mag)
+    if self.halves:
+      c_int = jnp.where(ec < top - 25, 0, c_int)
+    hi = hi + c_int  # v = (hi 2^8 + lo) 2^(E - 32), exactly
+    negative = hi < 0
+    borrow = negative & (lo > 0)
+    mag_hi = jnp.where(negative, -hi - borrow.astype(jnp.int32), hi).astype(_U32)
+    mag_lo = jnp.where(borrow, 256 - lo, lo).astype(_U32)
+    base = top - 32
+    n = jnp.where(mag_hi > 0, 8 + _bit_length(mag_hi), _bit_length(mag_lo))
+    # Round down to 31 fraction bits (drop <= 6 bits of a 38-bit |v|): a negative v's magnitude
+    # rounds up.
+    drop = jnp.clip(jnp.maximum(base + n - 1, -126) - 31 - base, 0, 8)
+    kept = lax.shift_left(mag_hi, (8 - drop).astype(_U32)) | lax.shift_right_logical(
+        mag_lo, drop.astype(_U32))
+    up = negative & ((mag_lo & (lax.shift_left(_U32(1), drop.astype(_U32)) - _U32(1))) != 0)
+    carry = up & (kept == _U32(0xFFFFFFFF))
+    total = jnp.where(carry, _U32(1 << 31), kept + up.astype(_U32))
+    r, mag, r_lead = _round(total, base + drop + carry.astype(jnp.int32), 23, -126, True)
+    over = r_lead > 127
+    mag = jnp.where(over, _U32(_INF), jnp.where(r == 0, _U32(0), mag))
+    bits = mag | jnp.where(negative, _U32(_SIGN), _U32(0))
+
+    prod_nan = (jnp.isnan(x)[..., None] | jnp.isnan(w)[:, :, None, :]
+                | (jnp.isinf(x)[..., None] & zero_w[:, :, None, :])
+                | (zero_x[..., None] & jnp.isinf(w)[:, :, None, :]))
+    prod_inf = (jnp.isinf(x)[..., None] | jnp.isinf(w)[:, :, None, :] | big) & ~prod_nan
+    c = s if not self.halves else jnp.where(e_dot > 24, 0.0, s)  # mmasim: inf, NaN: e_c = -1
+    pinf = jnp.any(prod_inf & ~neg, axis=0) | (c == jnp.inf)
+    ninf = jnp.any(prod_inf & neg, axis=0) | (c == -jnp.inf)
+    nan = jnp.any(prod_nan, axis=0) | jnp.isnan(c) | (pinf & ninf)
+    bits = jnp.where(pinf, _U32(_INF), jnp.where(ninf, _U32(_INF | _SIGN), bits))
+    out = lax.bitcast_convert_type(jnp.where(nan, _U32(0x7FFFFFFF), bits), jnp.float32)
+    finite = ~(nan | pinf | ninf)
+    operands = (jnp.all(jnp.isfinite(x), axis=0)[..., None]
+                & jnp.all(jnp.isfinite(w), axis=0)[:, None, :] & jnp.isfinite(s))
+    return out, Flags(sat=operands & (over | jnp.any(big, axis=0)),
+                      lost=finite & jnp.any(m != 0, axis=0) & (out == s),
+                      flush=finite & (total != 0) & (r == 0))
+
+
 # Per NVIDIA generation (from mmasim's model): F, the bytes of operands one fused group takes,
 # and e_zero of a zero term for an fp16 output (fp32 outputs: 112 lower).
 ARCHS = ('Volta', 'Turing', 'Ampere', 'Ada Lovelace', 'Hopper', 'Blackwell', 'RTX Blackwell')
@@ -341,9 +495,6 @@ NOT_MODELLED = {
     'mfma-exact': "CDNA1's f16 and bf16 MFMA round the exact sum of 4 (f16) or 2 (bf16) products "
                   'and c once into fp32 (mmasim MMA_E_FDPA), a sum over the whole exponent range '
                   "that no kind here carries",
-    'mfma-two-level': "CDNA3's MFMA add a fused sum of 8 products (4 for xf32; even and odd "
-                      'halves of 16 for fp8) and c in a second fused level (mmasim MMA_TR_FDPA, '
-                      'MMA_GTR_FDPA), not modelled yet',
 }
 # MFMA suffixes, as mmasim spells them: CDNA1/CDNA2 'f32_32x32x8f16', 'f32_32x32x8bf16_1k';
 # CDNA3 'f32_32x32x8_f16', 'f32_4x4x4_16b_f16', 'f32_16x16x32_fp8_bf8'.
@@ -393,10 +544,11 @@ def mma(arch: str, instruction: str, shape_and_type: str,
 
   Modelled: every NVIDIA mma / wgmma / tcgen05.mma of mmasim but float64 and block-scaled ones;
   AMD MFMA on CDNA2 for f16 and bf16 (`FlushedAddTree`; CDNA1's f16 and bf16 suffixes run there
-  too; a -0 result reads +0, see its doc). Refused, with `NOT_MODELLED`'s reason: float64; block
-  scaling; f32 MFMA (FMA chains); CDNA1's f16 and bf16 (an exact sum rounded once); CDNA3 (a
-  two-level fused sum). Source: MMA-Sim (arXiv 2511.10909), mmasim 2.1.1 (nv_ptx/ and
-  amd/sim.py), which the tests match bit for bit.
+  too) and on CDNA3 for xf32, f16, bf16, fp8 and bf8 (`TwoLevelFusedSum`); a -0 result of these
+  reads +0 (lowacc's float32 total from +0; see `FlushedAddTree`). Refused, with `NOT_MODELLED`'s
+  reason: float64; block scaling; f32 MFMA (FMA chains); CDNA1's f16 and bf16 (an exact sum
+  rounded once). Source: MMA-Sim (arXiv 2511.10909), mmasim 2.1.1 (nv_ptx/ and amd/sim.py),
+  which the tests match bit for bit.
   """
   if instruction not in INSTRUCTIONS:
     raise ValueError(f'instruction={instruction!r} is invalid: valid instructions are '
@@ -426,7 +578,7 @@ def mma(arch: str, instruction: str, shape_and_type: str,
 
 
 def _mfma(arch: str, suffix: str, promote_every: Optional[int]) -> AccumulatorConfig:
-  """The MFMA preset of `mma` (mmasim 2.1.1's amd/sim.py): CDNA2's f16 and bf16."""
+  """The MFMA preset of `mma` (mmasim 2.1.1's amd/sim.py): CDNA2's f16 and bf16, CDNA3's."""
   cdna3 = arch == 'CDNA3'
   match = (_MFMA_CDNA3 if cdna3 else _MFMA_OLD).fullmatch(suffix) if isinstance(suffix, str) \
       else None
@@ -443,8 +595,18 @@ def _mfma(arch: str, suffix: str, promote_every: Optional[int]) -> AccumulatorCo
     raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-fma"]}')
   if arch == 'CDNA1':
     raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-exact"]}')
-  if arch == 'CDNA3':
-    raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-two-level"]}')
+  if cdna3:
+    fp8 = a in ('fp8', 'bf8')
+    if fp8 != (match[6] is not None):
+      raise ValueError(f'shape_and_type={suffix!r} is invalid for mfma on {arch}: fp8 and bf8 '
+                       "name both operands' types ('f32_16x16x32_fp8_bf8'), the others one")
+    group = min(k, 16 if fp8 else 4 if a == 'xf32' else 8)
+    if k % group:
+      raise ValueError(f'shape_and_type={suffix!r}: k={k} is invalid for {arch}, which fuses '
+                       f'{a} products in groups of {group}: use a multiple of {group}')
+    acc = TwoLevelFusedSum(a_type=a, b_type=match[6] or a, group=group, halves=fp8)
+    return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
+                             combine=None if promote_every is None else FP32)
   tree = 2 if a == 'bf16' and not one_k else 4
   if k % tree:
     raise ValueError(f'shape_and_type={suffix!r}: k={k} is invalid for {arch}, which adds '
