@@ -314,6 +314,22 @@ def test_mfma_flushes_a_sum_to_a_zero_of_its_sign():
   assert y.view(np.uint32)[0] == 0
 
 
+@pytest.mark.parametrize('suffix', ['f32_32x32x8_bf16', 'f32_16x16x8_xf32', 'f32_16x16x16_f16',
+                                    'f32_16x16x32_fp8_bf8', 'f32_32x32x16_bf8_bf8'])
+def test_two_level_oracle_agrees_with_mmasim_and_lowacc(suffix):
+  """The oracle's exact-rational two-level sum (CDNA3), on every kind of row, K = 2k."""
+  op, cfg = MFMA('CDNA3', suffix), hardware.mma('CDNA3', 'mfma', suffix)
+  x, w = _case(*_mfma_types(op), op.k * 2)
+  tf32 = lambda v: (v.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+  read = (lambda v: tf32(v)) if cfg.acc.a_type == 'xf32' else (lambda v: v)  # typed operands
+  exact = np.array([oracle.two_level_chain([float(v) for v in xi], [float(v) for v in wi],
+                                           cfg.acc) for xi, wi in zip(read(x), read(w))],
+                   np.float32)
+  assert_bits_equal(exact, _mfma_reference(op, x, w), 'oracle against mmasim')
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(y, _plus_zero(exact), 'lowacc against the oracle')
+
+
 ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'),
                 ('wgmma', 'Hopper', 'm64n8k32.f32.e4m3.e5m2'),
                 ('mma', 'Ampere', 'm16n8k8.f32.bf16.bf16.f32'),
