@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lowacc.accumulator import Accumulator, Flags
-from lowacc.formats import FP32, AccumulatorConfig, FloatFormat, _check_choice, _check_int
+from lowacc.formats import BF16, FP32, AccumulatorConfig, FloatFormat, _check_choice, _check_int
 from lowacc.quantize import _exponent_of, _floor_log2, round_exact
 
 # The FP6 and FP4 types (no inf, no NaN; XLA's CPU backend does not convert to them).
@@ -51,7 +51,7 @@ _SMALL = dict(rounding='nearest_even', underflow='subnormal', overflow='saturate
 INPUT_TYPES = {
     'tf32': (10, -126, None),
     'f16': (10, -14, jnp.float16),
-    'bf16': (7, -126, jnp.bfloat16),
+    'bf16': (7, -126, BF16),  # in integers: the CPU's bf16 conversion can flush subnormals
     'e4m3': (3, -6, jnp.float8_e4m3fn),
     'e5m2': (2, -14, jnp.float8_e5m2),
     'e3m2': (2, -2, FloatFormat(3, 2, **_SMALL)),
@@ -96,6 +96,12 @@ def _decompose(x, fraction_bits: int, min_exp: int, e_zero: int):
   zero = a == 0
   e = jnp.where(zero, e_zero, jnp.maximum(_exponent_of(jnp.where(zero, 1.0, x)), min_exp))
   return u >= _U32(_SIGN), m, q, e
+
+
+def _zero_operands(mx, x, mw, w):
+  """Which operands are zeros, from their significands (of `_decompose`): fused by XLA on the
+  CPU, `_is_zero` of a subnormal operand has been seen to read true."""
+  return (mx == 0) & jnp.isfinite(x), (mw == 0) & jnp.isfinite(w)
 
 
 def _is_zero(x):
@@ -231,9 +237,10 @@ class FusedDotProduct(Accumulator):
     bits = jnp.where(r == 0, _U32(0), mag | jnp.where(negative, _U32(_SIGN), _U32(0)))
 
     # Specials: NaN from a NaN, inf * 0 or inf - inf; else the infinity.
+    zero_x, zero_w = _zero_operands(mx, x, mw, w)
     prod_nan = (jnp.isnan(x)[..., None] | jnp.isnan(w)[:, :, None, :]
-                | (jnp.isinf(x)[..., None] & _is_zero(w)[:, :, None, :])
-                | (_is_zero(x)[..., None] & jnp.isinf(w)[:, :, None, :]))
+                | (jnp.isinf(x)[..., None] & zero_w[:, :, None, :])
+                | (zero_x[..., None] & jnp.isinf(w)[:, :, None, :]))
     prod_inf = (jnp.isinf(x)[..., None] | jnp.isinf(w)[:, :, None, :]) & ~prod_nan
     pinf = jnp.any(prod_inf & ~neg, axis=0) | (s == jnp.inf)
     ninf = jnp.any(prod_inf & neg, axis=0) | (s == -jnp.inf)
@@ -407,8 +414,7 @@ class TwoLevelFusedSum(Accumulator):
     neg = jnp.signbit(x)[..., None] ^ jnp.signbit(w)[:, :, None, :]
     m = mx[..., None] * mw[:, :, None, :]
     q = qx[..., None] + qw[:, :, None, :]
-    # Zero operands from the significands: XLA on the CPU may compare subnormals as zeros.
-    zero_x, zero_w = (mx == 0) & jnp.isfinite(x), (mw == 0) & jnp.isfinite(w)
+    zero_x, zero_w = _zero_operands(mx, x, mw, w)
     e = jnp.where(m == 0, _NO_EXP, ex[..., None] + ew[:, :, None, :])
     big = (m != 0) & (q + _bit_length(m) - 1 >= 128)  # overflows to inf
     if self.halves:

@@ -357,6 +357,22 @@ def test_oracle_agrees_with_mmasim_and_lowacc(entry):
   np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
 
 
+@pytest.mark.parametrize('arch, instruction, shape_and_type', [
+    ('Ampere', 'mma', 'm16n8k16.f32.bf16.bf16.f32'), ('CDNA3', 'mfma', 'f32_16x16x16_bf16')])
+def test_a_subnormal_times_inf_is_inf(arch, instruction, shape_and_type):
+  """bf16 subnormal x -inf is -inf, not the NaN of inf x 0 (XLA on the CPU can read the
+  subnormal as a zero)."""
+  x, w = np.ones((1, 16), np.float32), np.ones((1, 16), np.float32)
+  x[0, 2], w[0, 2] = 2.0 ** -130, -np.inf
+  cfg = hardware.mma(arch, instruction, shape_and_type)
+  op = MFMA(arch, shape_and_type) if instruction == 'mfma' else _operation(instruction, arch,
+                                                                         shape_and_type)
+  expected = op.dpa(_to_mmasim(x, 'bf16'), _to_mmasim(w, 'bf16'), torch.zeros(1)).numpy()
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert expected[0] == -np.inf
+  np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+
+
 def test_promotion_every_n_products_adds_into_float32():
   """Hopper FP8 with promotion every 128 products: mmasim's chain from zero per 128 products,
   each partial added into a float32 sum (numpy, nearest even)."""
