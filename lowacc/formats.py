@@ -169,6 +169,15 @@ class IntFormat(Accumulator):
   nearest bound ('saturate', A2Q), and counts as sat. Terms must be integers exact in float32
   (|x w| < 2^24, e.g. int8 operands); a fraction is truncated toward zero. bits <= 23 keeps every
   value exact in the float32 container, so wider registers (int32) are not simulated.
+
+  Gradients (AccumulatorConfig.ste). A wrapped sum is the exact sum minus a multiple of 2^bits
+  that is constant between overflows, so 'identity' (the exact dot's gradient) is the derivative
+  of the wrapping chain wherever it has one; a wrap forgets nothing, so no estimator zeroes
+  anything there, and wrap takes only 'identity'. A saturated step is constant in everything
+  before it: 'recursive_of' (u_t's gradient passes iff no step from t on saturated) is the
+  derivative of the saturating chain wherever it has one; 'immediate_of' zeroes only the
+  saturated step's own term. An integer step loses its update only at a bound, so under
+  saturate lost implies sat, flush never happens, and '_both' equals '_of'.
   """
   bits: int
   overflow: str = 'wrap'
@@ -295,6 +304,12 @@ class AccumulatorConfig:
       raise ValueError(f"AccumulatorConfig.combine={self.combine!r} is invalid: valid values are "
                        "'acc', a FloatFormat or IntFormat, or None (float32)")
     _check_choice('AccumulatorConfig', 'ste', self.ste, STES)
+    for field in ('acc', 'combine'):
+      value = getattr(self, field)
+      if isinstance(value, IntFormat) and value.overflow == 'wrap' and self.ste != 'identity':
+        raise ValueError(f"AccumulatorConfig.ste={self.ste!r} is invalid with {field}="
+                         f"{value.name} (overflow='wrap'): a wrapped sum has the exact sum's "
+                         "derivative, so the only valid estimator is ste='identity'")
     if self.acc is not None:
       self._check_kind(self.acc)
     self._check_integer_partials()

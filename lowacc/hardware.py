@@ -22,18 +22,25 @@ instructions), the result of one being c of the next, from c = +0. A short last 
 with zero products, as zero-filled operands in hardware. `mma(arch, instruction, shape_and_type)`
 returns such a chain as an AccumulatorConfig, optionally promoted into an fp32 sum every N
 products (`promote_every`, DeepSeek-V3's two-level accumulation).
+
+AMD's MFMA as mmasim models them, from `mma(arch, 'mfma', suffix)`: `FlushedAddTree` is CDNA2's
+for f16 and bf16 (float32 adds of pairs or fours of products into c, flushing subnormals);
+`TwoLevelFusedSum` is CDNA3's for xf32, f16, bf16 and fp8 (a fused sum truncated 24 bits below
+its largest product, then added to c in a second fused level that rounds down, then to nearest
+even). The other MFMA models are refused with the reason (`NOT_MODELLED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 import jax.numpy as jnp
 from jax import lax
 
 from lowacc.accumulator import Accumulator, Flags
-from lowacc.formats import FP32, AccumulatorConfig, FloatFormat, _check_choice, _check_int
+from lowacc.formats import BF16, FP32, AccumulatorConfig, FloatFormat, _check_choice, _check_int
 from lowacc.quantize import _exponent_of, _floor_log2, round_exact
 
 # The FP6 and FP4 types (no inf, no NaN; XLA's CPU backend does not convert to them).
@@ -44,13 +51,19 @@ _SMALL = dict(rounding='nearest_even', underflow='subnormal', overflow='saturate
 INPUT_TYPES = {
     'tf32': (10, -126, None),
     'f16': (10, -14, jnp.float16),
-    'bf16': (7, -126, jnp.bfloat16),
+    'bf16': (7, -126, BF16),  # in integers: the CPU's bf16 conversion can flush subnormals
     'e4m3': (3, -6, jnp.float8_e4m3fn),
     'e5m2': (2, -14, jnp.float8_e5m2),
     'e3m2': (2, -2, FloatFormat(3, 2, **_SMALL)),
     'e2m3': (3, 0, FloatFormat(2, 3, **_SMALL)),
     'e2m1': (1, 0, FloatFormat(2, 1, **_SMALL)),
 }
+# MFMA input types, by mmasim's names: xf32 is read as tf32; fp8 and bf8 are CDNA3's e4m3fnuz and
+# e5m2fnuz (no inf, no -0).
+MFMA_INPUT_TYPES = {'xf32': INPUT_TYPES['tf32'], 'f16': INPUT_TYPES['f16'],
+                    'bf16': INPUT_TYPES['bf16'], 'fp8': (3, -7, jnp.float8_e4m3fnuz),
+                    'bf8': (2, -15, jnp.float8_e5m2fnuz)}
+_ALL_TYPES = {**INPUT_TYPES, **MFMA_INPUT_TYPES}
 # Output (and accumulator) types: (smallest normal exponent, largest exponent, NaN bits in float32).
 OUTPUT_TYPES = {'f32': (-126, 127, 0x7FFFFFFF), 'f16': (-14, 15, 0x7FFFE000)}
 ROUNDINGS = ('toward_zero', 'nearest_even')
@@ -59,9 +72,9 @@ _SIGN, _ABS, _INF = 0x80000000, 0x7FFFFFFF, 0x7F800000
 
 
 def to_input_type(x, name: str):
-  """float32 x read as input type `name`: tf32 truncates, the others round to nearest even (FP6
-  and FP4 saturate)."""
-  rounding = INPUT_TYPES[name][2]
+  """float32 x read as input type `name` (INPUT_TYPES, MFMA_INPUT_TYPES): tf32 and xf32
+  truncate, the others round to nearest even (FP6 and FP4 saturate)."""
+  rounding = _ALL_TYPES[name][2]
   if rounding is None:
     bits = lax.bitcast_convert_type(x, _U32) & _U32(0xFFFFE000)
     return lax.bitcast_convert_type(bits, jnp.float32)
@@ -85,6 +98,12 @@ def _decompose(x, fraction_bits: int, min_exp: int, e_zero: int):
   return u >= _U32(_SIGN), m, q, e
 
 
+def _zero_operands(mx, x, mw, w):
+  """Which operands are zeros, from their significands (of `_decompose`): fused by XLA on the
+  CPU, `_is_zero` of a subnormal operand has been seen to read true."""
+  return (mx == 0) & jnp.isfinite(x), (mw == 0) & jnp.isfinite(w)
+
+
 def _is_zero(x):
   """x == 0 from the bits: XLA on the CPU compares float32 subnormals as zeros."""
   return (lax.bitcast_convert_type(x, _U32) & _U32(_ABS)) == 0
@@ -101,6 +120,31 @@ def _bit_length(s):
   """floor(log2 s) + 1 of uint32 s (0 for s = 0)."""
   hi = lax.shift_right_logical(s, _U32(16))
   return jnp.where(hi > 0, 17 + _floor_log2(hi), 1 + _floor_log2(s & _U32(0xFFFF)))
+
+
+def _round(total, base, p: int, min_exp: int, nearest_even: bool):
+  """The exact total 2^base (uint32 total) normalised and rounded to p fraction bits below its
+  leading bit, or below min_exp (subnormals): toward zero, or to nearest even.
+  -> (r, float32 bits of r 2^quantum, the result's leading exponent), for r > 0."""
+  lead = base + _bit_length(total) - 1
+  quantum = jnp.maximum(lead, min_exp) - p
+  drop = quantum - base
+  d = jnp.clip(drop, 0, 32)
+  kept = jnp.where(d >= 32, _U32(0), lax.shift_right_logical(total, jnp.minimum(d, 31)
+                                                            .astype(_U32)))
+  if nearest_even:
+    mask = jnp.where(d >= 32, _U32(0xFFFFFFFF),
+                     lax.shift_left(_U32(1), jnp.minimum(d, 31).astype(_U32)) - _U32(1))
+    rem = total & mask
+    half = lax.shift_left(_U32(1), jnp.maximum(d - 1, 0).astype(_U32))
+    up = (d > 0) & (drop <= 32) & ((rem > half) | ((rem == half) & ((kept & _U32(1)) == 1)))
+    kept = kept + up.astype(_U32)
+  r = jnp.where(drop <= 0, _shift(total, -drop), kept)  # |result| = r 2^quantum, r <= 2^(p+1)
+  r_lead = quantum + _bit_length(r) - 1
+  normal_bits = (lax.bitcast_convert_type(r.astype(jnp.float32), jnp.int32)
+                 + lax.shift_left(quantum, 23)).astype(_U32)
+  subnormal_bits = lax.shift_left(r, jnp.clip(quantum + 149, 0, 31).astype(_U32))
+  return r, jnp.where(r_lead < -126, subnormal_bits, normal_bits), r_lead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,36 +230,17 @@ class FusedDotProduct(Accumulator):
     negative = negs > pos
     total = jnp.where(negative, negs - pos, pos - negs)  # exact: |sum| = total 2^(e_max - F)
 
-    # Normalise and round: keep out_fraction_bits below the leading bit (or below min_out).
-    base = e_max - F
-    lead = base + _bit_length(total) - 1
-    p = self.out_fraction_bits
-    quantum = jnp.maximum(lead, min_out) - p
-    drop = quantum - base
-    d = jnp.clip(drop, 0, 32)
-    kept = jnp.where(d >= 32, _U32(0), lax.shift_right_logical(total, jnp.minimum(d, 31)
-                                                              .astype(_U32)))
-    if self.rounding == 'nearest_even':
-      mask = jnp.where(d >= 32, _U32(0xFFFFFFFF),
-                       lax.shift_left(_U32(1), jnp.minimum(d, 31).astype(_U32)) - _U32(1))
-      rem = total & mask
-      half = lax.shift_left(_U32(1), jnp.maximum(d - 1, 0).astype(_U32))
-      up = (d > 0) & (drop <= 32) & ((rem > half) | ((rem == half) & ((kept & _U32(1)) == 1)))
-      kept = kept + up.astype(_U32)
-    r = jnp.where(drop <= 0, _shift(total, -drop), kept)  # |result| = r 2^quantum, r <= 2^(p+1)
-    r_lead = quantum + _bit_length(r) - 1
-    normal_bits = (lax.bitcast_convert_type(r.astype(jnp.float32), jnp.int32)
-                   + lax.shift_left(quantum, 23)).astype(_U32)
-    subnormal_bits = lax.shift_left(r, jnp.clip(quantum + 149, 0, 31).astype(_U32))
-    mag = jnp.where(r_lead < -126, subnormal_bits, normal_bits)
+    r, mag, r_lead = _round(total, e_max - F, self.out_fraction_bits, min_out,
+                            self.rounding == 'nearest_even')
     over = r_lead > max_out
     mag = jnp.where(over, _U32(_INF), mag)
     bits = jnp.where(r == 0, _U32(0), mag | jnp.where(negative, _U32(_SIGN), _U32(0)))
 
     # Specials: NaN from a NaN, inf * 0 or inf - inf; else the infinity.
+    zero_x, zero_w = _zero_operands(mx, x, mw, w)
     prod_nan = (jnp.isnan(x)[..., None] | jnp.isnan(w)[:, :, None, :]
-                | (jnp.isinf(x)[..., None] & _is_zero(w)[:, :, None, :])
-                | (_is_zero(x)[..., None] & jnp.isinf(w)[:, :, None, :]))
+                | (jnp.isinf(x)[..., None] & zero_w[:, :, None, :])
+                | (zero_x[..., None] & jnp.isinf(w)[:, :, None, :]))
     prod_inf = (jnp.isinf(x)[..., None] | jnp.isinf(w)[:, :, None, :]) & ~prod_nan
     pinf = jnp.any(prod_inf & ~neg, axis=0) | (s == jnp.inf)
     ninf = jnp.any(prod_inf & neg, axis=0) | (s == -jnp.inf)
@@ -226,6 +251,231 @@ class FusedDotProduct(Accumulator):
     finite = ~(nan | pinf | ninf)
     nonzero_terms = jnp.any(m != 0, axis=0)
     return out, Flags(sat=finite & over, lost=finite & nonzero_terms & (out == s),
+                      flush=finite & (total != 0) & (r == 0))
+
+
+
+def _flush(v, min_exp: int, negative=None):
+  """v with every magnitude below 2^min_exp (zeros and subnormals) replaced by a zero: +0, or
+  signed by `negative` where given. Read from the bits (XLA on the CPU flushes subnormals)."""
+  small = (lax.bitcast_convert_type(v, _U32) & _U32(_ABS)) < _U32((127 + min_exp) << 23)
+  zero = 0.0 if negative is None else jnp.where(negative, -0.0, 0.0)
+  return jnp.where(small, zero, v)
+
+
+def _ftz_add(a, b):
+  """fl32(a + b) of float32 normals, zeros or specials, a subnormal result flushed to a zero of
+  its sign; an exact zero is signed as IEEE 754 signs it (-0 only for -0 + -0).
+  -> (sum, whether a nonzero sum was flushed)"""
+  cancel = a == -b
+  negative = jnp.where(cancel, jnp.signbit(a) & jnp.signbit(b), a < -b)
+  s = _flush(a + b, -126, negative)
+  return s, ~cancel & _is_zero(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlushedAddTree(Accumulator):
+  """An MFMA that adds products in float32 adds flushing subnormals: CDNA2's f16 and bf16
+  (mmasim 2.1.1's `MMA_FTZ_MUL_ADD`). One step is one instruction of `group` (its k) products
+  and the accumulator c:
+
+  1. operands are read in `in_type` ('f16' or 'bf16'); a subnormal or zero operand, and a
+     subnormal or zero c, reads as +0;
+  2. products are float32 products (exact for f16, nearest even for bf16), a subnormal product a
+     zero of its sign;
+  3. for each `tree` (2 or 4) consecutive products: their sum t (p0 + p1, or (p0 + p1) +
+     (p2 + p3)), then c <- c + t; every add rounds to nearest even in float32 and flushes a
+     subnormal result to a zero of its sign (an exact zero: IEEE 754's sign).
+
+  NaN and inf follow float32 arithmetic (mmasim leaves NaN payloads to the host CPU; they are not
+  modelled). A short last instruction is zero-filled (+0 operands), as in hardware. Flags: sat, a
+  result that overflowed (a product or a sum) to inf from finite operands; flush, c flushed to
+  zero inside the step. In lowacc's chain the result is added to a float32 total from +0 (spec
+  section 3), so the rare -0 of a flushed negative sum reads +0 where mmasim keeps -0.
+  """
+  in_type: str
+  group: int
+  tree: int = 4
+  orders = ('fma',)
+
+  def __post_init__(self):
+    _check_choice('FlushedAddTree', 'in_type', self.in_type, ('f16', 'bf16'))
+    if isinstance(self.tree, bool) or self.tree not in (2, 4):
+      raise ValueError(f'FlushedAddTree.tree={self.tree!r} is invalid: valid values are 2 and 4')
+    _check_int(self, 'group', 1)
+    if self.group % self.tree:
+      raise ValueError(f'FlushedAddTree.group={self.group} is invalid: must be a multiple of '
+                       f'tree={self.tree}')
+
+  @property
+  def name(self) -> str:
+    return f'FTZ{self.group}T{self.tree}.{self.in_type}.f32'
+
+  @property
+  def pad_product(self) -> float:
+    return 0.0
+
+  def terms(self, x, w):
+    """The operand slices x (L, B, M), w (L, B, N) in the input type, small values read as +0."""
+    read = lambda v: _flush(to_input_type(v, self.in_type), INPUT_TYPES[self.in_type][1])
+    return read(x), read(w)
+
+  def step(self, s, u, rand):
+    """c = s (B, M, N) and the `group` products of u = (x (L, B, M), w (L, B, N))."""
+    x, w = u
+    negative = jnp.signbit(x)[..., None] ^ jnp.signbit(w)[:, :, None, :]
+    p = _flush(x[..., None] * w[:, :, None, :], -126, negative)
+    c, flushed = _flush(s, -126), jnp.zeros(s.shape, bool)
+    for i in range(0, self.group, self.tree):
+      t = _ftz_add(p[i], p[i + 1])[0]
+      if self.tree == 4:
+        t = _ftz_add(t, _ftz_add(p[i + 2], p[i + 3])[0])[0]
+      c, f = _ftz_add(c, t)
+      flushed |= f
+    finite = (jnp.all(jnp.isfinite(x), axis=0)[..., None] & jnp.all(jnp.isfinite(w), axis=0)[
+        :, None, :] & jnp.isfinite(s))  # finite operands: an inf result overflowed
+    nonzero = jnp.any(~_is_zero(p), axis=0)
+    return c, Flags(sat=finite & ~jnp.isfinite(c), lost=finite & nonzero & (c == s),
+                    flush=finite & flushed)
+
+
+
+_NO_EXP = -1000  # the exponent of a zero product: below every other
+
+
+def _first_level(m, q, e, neg):
+  """Products m 2^q (L, B, M, N) of exponents e, each truncated toward zero to a multiple of
+  2^(e_max - 24), summed exactly. -> (D as int32, e_max): the sum is D 2^(e_max - 24)."""
+  e_max = jnp.max(e, axis=0)
+  t = _shift(m, q + 24 - e_max)  # < 2^26: a product is below 4 2^e
+  pos = jnp.sum(jnp.where(neg, _U32(0), t), axis=0).astype(jnp.int32)
+  return pos - jnp.sum(jnp.where(neg, t, _U32(0)), axis=0).astype(jnp.int32), e_max
+
+
+def _floor_shift(v, k):
+  """floor(v 2^-k) of int32 v for int32 k >= 0."""
+  return lax.shift_right_arithmetic(v, jnp.minimum(k, 31))
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoLevelFusedSum(Accumulator):
+  """CDNA3's MFMA (mmasim 2.1.1's MMA_TR_FDPA; with `halves`, the fp8 MMA_GTR_FDPA). One step
+  takes `group` products and the accumulator c:
+
+  1. operands are read in their input types (MFMA_INPUT_TYPES) with exponents e =
+     max(floor(log2 |x|), e_min); products are exact, with exponent e_a + e_b; a product of 2^128
+     or more is inf;
+  2. first level: each product truncated toward zero to a multiple of 2^(e_max - 24), e_max the
+     largest exponent of the nonzero products, and summed exactly: D. With `halves` the even and
+     the odd products are two such sums, each rounded down (toward -inf) to a multiple of
+     2^(e_dot - 24), e_dot the larger of their e_max, and added;
+  3. second level: E = max(e_dot, e_c) (c's exponent as in 1, e_min -126; a zero c: -126); D
+     rounded down to a multiple of 2^(E - 32), c to one of 2^(E - 24) (with `halves`, a c with
+     e_c < E - 25 counts as 0); v, their exact sum;
+  4. v rounded down to 31 fraction bits below max(floor(log2 |v|), -126), then to nearest even
+     into fp32 (subnormals; overflow to inf). A zero is +0, or -0 where a negative v rounds to 0
+     (which lowacc's chain then adds to its float32 total from +0, reading +0);
+  5. NaN (0x7FFFFFFF) from a NaN, inf * 0 or inf - inf; otherwise an inf gives that inf. With
+     `halves`, mmasim reads an inf or NaN c as of exponent -1, so that it counts as 0 (step 3)
+     where e_dot > 24; this follows it (real hardware is not known to do so).
+  """
+  a_type: str
+  b_type: str
+  group: int
+  halves: bool = False
+  orders = ('fma',)
+
+  def __post_init__(self):
+    for field in ('a_type', 'b_type'):
+      _check_choice('TwoLevelFusedSum', field, getattr(self, field), tuple(MFMA_INPUT_TYPES))
+    _check_int(self, 'group', 1, 16)
+    if not isinstance(self.halves, bool) or self.halves and self.group % 2:
+      raise ValueError(f'TwoLevelFusedSum.halves={self.halves!r} is invalid with group='
+                       f'{self.group}: use a bool, and an even group for halves=True')
+
+  @property
+  def name(self) -> str:
+    return f'TLF{self.group}{"H" if self.halves else ""}.{self.a_type}.{self.b_type}.f32'
+
+  @property
+  def pad_product(self) -> float:
+    return 0.0
+
+  def terms(self, x, w):
+    """The operand slices x (L, B, M), w (L, B, N) read in their input types."""
+    return to_input_type(x, self.a_type), to_input_type(w, self.b_type)
+
+  def step(self, s, u, rand):
+    """c = s (B, M, N) fused with the `group` products of u = (x (L, B, M), w (L, B, N))."""
+    x, w = u
+    (fa, ea, _), (fb, eb, _) = MFMA_INPUT_TYPES[self.a_type], MFMA_INPUT_TYPES[self.b_type]
+    _, mx, qx, ex = _decompose(jnp.where(jnp.isfinite(x), x, 0.0), fa, ea, 0)
+    _, mw, qw, ew = _decompose(jnp.where(jnp.isfinite(w), w, 0.0), fb, eb, 0)
+    neg = jnp.signbit(x)[..., None] ^ jnp.signbit(w)[:, :, None, :]
+    m = mx[..., None] * mw[:, :, None, :]
+    q = qx[..., None] + qw[:, :, None, :]
+    zero_x, zero_w = _zero_operands(mx, x, mw, w)
+    e = jnp.where(m == 0, _NO_EXP, ex[..., None] + ew[:, :, None, :])
+    big = (m != 0) & (q + _bit_length(m) - 1 >= 128)  # overflows to inf
+    if self.halves:
+      (d_even, e_even), (d_odd, e_odd) = (_first_level(m[i::2], q[i::2], e[i::2], neg[i::2])
+                                          for i in (0, 1))
+      e_dot = jnp.maximum(e_even, e_odd)
+      dot = (_floor_shift(d_even, e_dot - e_even) + _floor_shift(d_odd, e_dot - e_odd))
+    else:
+      dot, e_dot = _first_level(m, q, e, neg)
+    nc, mc, qc, ec = _decompose(jnp.where(jnp.isfinite(s), s, 0.0), 23, -126, -126)
+    top = jnp.maximum(e_dot, ec)  # E
+    # D 2^(e_dot - 24) rounded down to a multiple of 2^(E - 32), as hi 2^8 + lo (0 <= lo < 2^8),
+    # in units of 2^(E - 32): k = e_dot - E + 8 <= 8.
+    k = e_dot - top + 8
+    k_up = jnp.clip(k, 0, 8)
+    a = _floor_shift(dot, jnp.maximum(-k, 0))
+    hi = jnp.where(k >= 0, _floor_shift(dot, 8 - k_up), _floor_shift(a, 8))
+    lo = jnp.where(k >= 0, lax.shift_left(dot, k_up), a) & 0xFF
+    # c rounded down to a multiple of 2^(E - 24): C, in units of 2^(E - 24).
+    r_c = top - 24 - qc
+    c_mag = _shift(mc, -r_c).astype(jnp.int32)
+    dropped = jnp.where(r_c >= 32, mc != 0, (mc & (lax.shift_left(
+        _U32(1), jnp.clip(r_c, 0, 31).astype(_U32)) - _U32(1))) != 0) & (r_c > 0)
+    c_int = jnp.where(nc, -c_mag - dropped.astype(jnp.int32), c_mag)
+    if self.halves:
+      c_int = jnp.where(ec < top - 25, 0, c_int)
+    hi = hi + c_int  # v = (hi 2^8 + lo) 2^(E - 32), exactly
+    negative = hi < 0
+    borrow = negative & (lo > 0)
+    mag_hi = jnp.where(negative, -hi - borrow.astype(jnp.int32), hi).astype(_U32)
+    mag_lo = jnp.where(borrow, 256 - lo, lo).astype(_U32)
+    base = top - 32
+    n = jnp.where(mag_hi > 0, 8 + _bit_length(mag_hi), _bit_length(mag_lo))
+    # Round down to 31 fraction bits (drop <= 6 bits of a 38-bit |v|): a negative v's magnitude
+    # rounds up.
+    drop = jnp.clip(jnp.maximum(base + n - 1, -126) - 31 - base, 0, 8)
+    kept = lax.shift_left(mag_hi, (8 - drop).astype(_U32)) | lax.shift_right_logical(
+        mag_lo, drop.astype(_U32))
+    up = negative & ((mag_lo & (lax.shift_left(_U32(1), drop.astype(_U32)) - _U32(1))) != 0)
+    carry = up & (kept == _U32(0xFFFFFFFF))
+    total = jnp.where(carry, _U32(1 << 31), kept + up.astype(_U32))
+    r, mag, r_lead = _round(total, base + drop + carry.astype(jnp.int32), 23, -126, True)
+    over = r_lead > 127
+    mag = jnp.where(over, _U32(_INF), jnp.where(r == 0, _U32(0), mag))
+    bits = mag | jnp.where(negative, _U32(_SIGN), _U32(0))
+
+    prod_nan = (jnp.isnan(x)[..., None] | jnp.isnan(w)[:, :, None, :]
+                | (jnp.isinf(x)[..., None] & zero_w[:, :, None, :])
+                | (zero_x[..., None] & jnp.isinf(w)[:, :, None, :]))
+    prod_inf = (jnp.isinf(x)[..., None] | jnp.isinf(w)[:, :, None, :] | big) & ~prod_nan
+    c = s if not self.halves else jnp.where(e_dot > 24, 0.0, s)  # mmasim: inf, NaN: e_c = -1
+    pinf = jnp.any(prod_inf & ~neg, axis=0) | (c == jnp.inf)
+    ninf = jnp.any(prod_inf & neg, axis=0) | (c == -jnp.inf)
+    nan = jnp.any(prod_nan, axis=0) | jnp.isnan(c) | (pinf & ninf)
+    bits = jnp.where(pinf, _U32(_INF), jnp.where(ninf, _U32(_INF | _SIGN), bits))
+    out = lax.bitcast_convert_type(jnp.where(nan, _U32(0x7FFFFFFF), bits), jnp.float32)
+    finite = ~(nan | pinf | ninf)
+    operands = (jnp.all(jnp.isfinite(x), axis=0)[..., None]
+                & jnp.all(jnp.isfinite(w), axis=0)[:, None, :] & jnp.isfinite(s))
+    return out, Flags(sat=operands & (over | jnp.any(big, axis=0)),
+                      lost=finite & jnp.any(m != 0, axis=0) & (out == s),
                       flush=finite & (total != 0) & (r == 0))
 
 
@@ -246,9 +496,17 @@ NOT_MODELLED = {
     'block-scaled': 'block-scaled (MX) instructions take per-block scale operands that '
                     'dot_general does not carry, and the k=64 ones sum 35 fraction bits, beyond '
                     "this model's 32-bit sum",
-    'mfma': "AMD's MFMA sums products in other orders (fused pairs, FTZ adds, a second fused "
-            'level) that this model does not cover yet',
+    'mfma-fma': 'f32 MFMA are chains of float32 FMAs (mmasim MMA_FMA: each product exact, one '
+                'rounding per add), and lowacc rounds a float32 product before its add',
+    'mfma-exact': "CDNA1's f16 and bf16 MFMA round the exact sum of 4 (f16) or 2 (bf16) products "
+                  'and c once into fp32 (mmasim MMA_E_FDPA), a sum over the whole exponent range '
+                  "that no kind here carries",
 }
+# MFMA suffixes, as mmasim spells them: CDNA1/CDNA2 'f32_32x32x8f16', 'f32_32x32x8bf16_1k';
+# CDNA3 'f32_32x32x8_f16', 'f32_4x4x4_16b_f16', 'f32_16x16x32_fp8_bf8'.
+_MFMA_OLD = re.compile(r'(f32|f64)_(\d+)x(\d+)x(\d+)(f32|f16|bf16|f64)(_1k)?')
+_MFMA_CDNA3 = re.compile(r'(f32|f64)_(\d+)x(\d+)x(\d+)(?:_\d+b)?_(xf32|f32|f16|bf16|f64|fp8|bf8)'
+                         r'(?:_(fp8|bf8))?')
 
 
 def _parse(instruction: str, shape_and_type: str):
@@ -279,15 +537,24 @@ def _parse(instruction: str, shape_and_type: str):
 def mma(arch: str, instruction: str, shape_and_type: str,
         promote_every: Optional[int] = None) -> AccumulatorConfig:
   """The accumulation of K chained `instruction`s of `arch` (mmasim's names: arch 'Volta' ...
-  'RTX Blackwell', instruction 'mma', 'wgmma' or 'tcgen05.mma', shape_and_type as PTX spells it,
-  e.g. 'm16n8k16.f32.f16.f16.f32', 'm64n8k32.f32.e4m3.e4m3'), as an AccumulatorConfig for
-  `lowacc.dot_general`, `matmul`, `conv_general_dilated`, policies and `simulate`.
+  'RTX Blackwell', 'CDNA1'..'CDNA3', instruction 'mma', 'wgmma', 'tcgen05.mma' or 'mfma',
+  shape_and_type as PTX spells it, e.g. 'm16n8k16.f32.f16.f16.f32', 'm64n8k32.f32.e4m3.e4m3', or
+  an MFMA suffix as mmasim spells it, e.g. 'f32_32x32x8f16', 'f32_32x32x8bf16_1k'), as an
+  AccumulatorConfig for `lowacc.dot_general`, `matmul`, `conv_general_dilated`, policies and
+  `simulate`.
 
   Operands are read in the instruction's input types (nearest-even casts; tf32 truncates), K is
   chained in fused groups (`FusedDotProduct`) from a zero accumulator, and the result is in the
   output type. promote_every: add the running sum into an fp32 accumulator (nearest-even) every
   that many products, restarting the instruction chain from zero (CUTLASS / DeepSeek-V3).
-  Source: MMA-Sim (arXiv 2511.10909), mmasim 2.1.1, which the tests match bit for bit.
+
+  Modelled: every NVIDIA mma / wgmma / tcgen05.mma of mmasim but float64 and block-scaled ones;
+  AMD MFMA on CDNA2 for f16 and bf16 (`FlushedAddTree`; CDNA1's f16 and bf16 suffixes run there
+  too) and on CDNA3 for xf32, f16, bf16, fp8 and bf8 (`TwoLevelFusedSum`); a -0 result of these
+  reads +0 (lowacc's float32 total from +0; see `FlushedAddTree`). Refused, with `NOT_MODELLED`'s
+  reason: float64; block scaling; f32 MFMA (FMA chains); CDNA1's f16 and bf16 (an exact sum
+  rounded once). Source: MMA-Sim (arXiv 2511.10909), mmasim 2.1.1 (nv_ptx/ and amd/sim.py),
+  which the tests match bit for bit.
   """
   if instruction not in INSTRUCTIONS:
     raise ValueError(f'instruction={instruction!r} is invalid: valid instructions are '
@@ -296,7 +563,7 @@ def mma(arch: str, instruction: str, shape_and_type: str,
     raise ValueError(f'arch={arch!r} is invalid for instruction={instruction!r}: valid archs are '
                      f'{INSTRUCTIONS[instruction]}')
   if instruction == 'mfma':
-    raise ValueError(f'instruction={instruction!r} on {arch}: {NOT_MODELLED["mfma"]}')
+    return _mfma(arch, shape_and_type, promote_every)
   k, d, a, b, c = _parse(instruction, shape_and_type)
   fraction_bits, group_bytes, e_zero = _GENERATION[arch]
   out_bits = 23
@@ -312,6 +579,45 @@ def mma(arch: str, instruction: str, shape_and_type: str,
                         a_type=a, b_type=b, output=d, rounding=rounding,
                         out_fraction_bits=10 if d == 'f16' else out_bits,
                         c_type=None if c == d else c)
+  return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
+                           combine=None if promote_every is None else FP32)
+
+
+def _mfma(arch: str, suffix: str, promote_every: Optional[int]) -> AccumulatorConfig:
+  """The MFMA preset of `mma` (mmasim 2.1.1's amd/sim.py): CDNA2's f16 and bf16, CDNA3's."""
+  cdna3 = arch == 'CDNA3'
+  match = (_MFMA_CDNA3 if cdna3 else _MFMA_OLD).fullmatch(suffix) if isinstance(suffix, str) \
+      else None
+  one_k = bool(match and not cdna3 and match[6])  # CDNA2's bf16 '_1k' instructions
+  if not match or one_k and arch != 'CDNA2':
+    form = ("'f32_<M>x<N>x<K>_<type>', e.g. 'f32_32x32x8_f16'" if arch == 'CDNA3' else
+            "'f32_<M>x<N>x<K><type>', e.g. 'f32_32x32x8f16'"
+            + (" or 'f32_32x32x8bf16_1k'" if arch == 'CDNA2' else ''))
+    raise ValueError(f'shape_and_type={suffix!r} is invalid for mfma on {arch}: expected {form}')
+  d, k, a = match[1], int(match[4]), match[5]
+  if 'f64' in (d, a):
+    raise ValueError(f'shape_and_type={suffix!r}: {NOT_MODELLED["f64"]}')
+  if a == 'f32':
+    raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-fma"]}')
+  if arch == 'CDNA1':
+    raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-exact"]}')
+  if cdna3:
+    fp8 = a in ('fp8', 'bf8')
+    if fp8 != (match[6] is not None):
+      raise ValueError(f'shape_and_type={suffix!r} is invalid for mfma on {arch}: fp8 and bf8 '
+                       "name both operands' types ('f32_16x16x32_fp8_bf8'), the others one")
+    group = min(k, 16 if fp8 else 4 if a == 'xf32' else 8)
+    if k % group:
+      raise ValueError(f'shape_and_type={suffix!r}: k={k} is invalid for {arch}, which fuses '
+                       f'{a} products in groups of {group}: use a multiple of {group}')
+    acc = TwoLevelFusedSum(a_type=a, b_type=match[6] or a, group=group, halves=fp8)
+    return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
+                             combine=None if promote_every is None else FP32)
+  tree = 2 if a == 'bf16' and not one_k else 4
+  if k % tree:
+    raise ValueError(f'shape_and_type={suffix!r}: k={k} is invalid for {arch}, which adds '
+                     f'{a} products in trees of {tree}: use a multiple of {tree}')
+  acc = FlushedAddTree(in_type=a, group=k, tree=tree)
   return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
                            combine=None if promote_every is None else FP32)
 

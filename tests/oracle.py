@@ -245,7 +245,7 @@ def factors(record, cfg):
 # The fused dot product of a matrix unit (lowacc.hardware's module doc), read from the kind's
 # fields; the types' smallest normal exponents and output ranges are the IEEE-style definitions.
 TYPE_MIN_EXP = {'tf32': -126, 'f16': -14, 'bf16': -126, 'e4m3': -6, 'e5m2': -14, 'e3m2': -2,
-                'e2m3': 0, 'e2m1': 0}
+                'e2m3': 0, 'e2m1': 0, 'xf32': -126, 'fp8': -7, 'bf8': -15}
 OUTPUT_RANGE = {'f32': (-126, 127), 'f16': (-14, 15)}
 
 
@@ -294,28 +294,123 @@ def fused_chain(xs, ws, kind) -> float:
   return c
 
 
+def ftz_add(a: float, b: float) -> float:
+  """fl32(a + b), nearest even, a subnormal result flushed to a zero of its sign; an exact zero
+  signed as IEEE 754 signs it. Specials as float arithmetic."""
+  if not (math.isfinite(a) and math.isfinite(b)):
+    return a + b
+  v, negative_zero = add(a, b)
+  r = round_value(v, FLOAT32, negative_zero=negative_zero)[0]
+  return math.copysign(0.0, r) if abs(r) < F32_MIN_NORMAL else r
+
+
+def ftz_product(x: float, w: float, min_exp: int) -> float:
+  """Operands below 2^min_exp (zeros included) read as +0; the float32 product (nearest even),
+  a subnormal product flushed to a zero of its sign."""
+  x, w = (0.0 if abs(v) < 2.0 ** min_exp else v for v in (x, w))
+  if not (math.isfinite(x) and math.isfinite(w)):
+    return x * w
+  negative = (math.copysign(1, x) < 0) != (math.copysign(1, w) < 0)
+  r = round_value(Fraction(x) * Fraction(w), FLOAT32, negative_zero=negative)[0]
+  return math.copysign(0.0, r) if abs(r) < F32_MIN_NORMAL else r
+
+
+def ftz_tree_chain(xs, ws, kind) -> float:
+  """An MFMA of float32 adds that flush subnormals (lowacc.hardware.FlushedAddTree's doc), read
+  from the kind's in_type, group and tree: per instruction of `group` products (zero-filled), c
+  read as +0 if subnormal, then c <- c + (sum of each `tree` products, pairwise)."""
+  c = 0.0
+  for start in range(0, len(xs), kind.group):
+    p = [ftz_product(x, w, TYPE_MIN_EXP[kind.in_type])
+         for x, w in zip(xs[start:start + kind.group], ws[start:start + kind.group])]
+    p += [0.0] * (kind.group - len(p))
+    c = 0.0 if abs(c) < F32_MIN_NORMAL else c
+    for i in range(0, kind.group, kind.tree):
+      t = ftz_add(p[i], p[i + 1])
+      if kind.tree == 4:
+        t = ftz_add(t, ftz_add(p[i + 2], p[i + 3]))
+      c = ftz_add(c, t)
+  return c
+
+
+def _floor_to(v: Fraction, e: int) -> Fraction:
+  """v rounded down (toward -inf) to a multiple of 2^e."""
+  return math.floor(v / _pow2(e)) * _pow2(e)
+
+
+def _truncated_sum(terms):
+  """[(P, e)] of nonzero products: each truncated toward zero to a multiple of 2^(e_max - 24),
+  summed. -> (sum, e_max), e_max None for no terms."""
+  if not terms:
+    return Fraction(0), None
+  e_max = max(e for _, e in terms)
+  return sum(math.trunc(p / _pow2(e_max - 24)) * _pow2(e_max - 24) for p, _ in terms), e_max
+
+
+def two_level_step(xs, ws, c: float, kind) -> float:
+  """One step of lowacc.hardware.TwoLevelFusedSum (its doc), read from the kind's a_type, b_type
+  and halves: a first fused level over the products (or their even and odd halves), a second
+  with c that rounds down, the sum rounded down to 31 fraction bits, then nearest even."""
+  lo_a, lo_b = TYPE_MIN_EXP[kind.a_type], TYPE_MIN_EXP[kind.b_type]
+  terms = [(Fraction(x) * Fraction(w), _fused_exponent(Fraction(x), lo_a, 0)
+            + _fused_exponent(Fraction(w), lo_b, 0))
+           if math.isfinite(x) and math.isfinite(w) and x != 0 and w != 0 else None
+           for x, w in zip(xs, ws)]
+  specials = [x * w for x, w in zip(xs, ws) if not (math.isfinite(x) and math.isfinite(w))]
+  specials += [math.copysign(math.inf, t[0]) for t in terms if t and abs(t[0]) >= _pow2(128)]
+  halves = ([t for t in terms[0::2] if t], [t for t in terms[1::2] if t]) if kind.halves \
+      else ([t for t in terms if t],)
+  sums = [_truncated_sum(h) for h in halves]
+  e_dot = max((e for _, e in sums if e is not None), default=None)
+  dot = sum((_floor_to(v, e_dot - 24) for v, e in sums if e is not None), Fraction(0))
+  if not math.isfinite(c) and not (kind.halves and e_dot is not None and e_dot > 24):
+    specials.append(c)  # with halves, mmasim drops an inf or NaN c beside products above 2^24
+  if specials:
+    return sum(specials)
+  e_c = _fused_exponent(Fraction(c), -126, -126) if math.isfinite(c) else -1  # frexp's
+  top = e_c if e_dot is None else max(e_dot, e_c)
+  v = _floor_to(dot, top - 32)
+  if not (kind.halves and e_c < top - 25):
+    v += _floor_to(Fraction(c), top - 24)
+  if v == 0:
+    return 0.0
+  v = _floor_to(v, max(_floor_log2(abs(v)), -126) - 31)
+  return round_value(v, FLOAT32)[0]
+
+
+def two_level_chain(xs, ws, kind) -> float:
+  """K products in steps of kind.group from c = +0, the last group padded with zeros."""
+  c = 0.0
+  for start in range(0, len(xs), kind.group):
+    x, w = list(xs[start:start + kind.group]), list(ws[start:start + kind.group])
+    pad = kind.group - len(x)
+    c = two_level_step(x + [0.0] * pad, w + [0.0] * pad, c, kind)
+  return c
+
+
 def int_step(s: int, u: int, bits: int, overflow: str):
   """s + u into a two's-complement accumulator of `bits`: wrapped modulo 2^bits or saturated.
-  -> (value, overflowed)"""
+  -> (value, (sat, lost, flush)), the contract's section-4 flags: the sum left the range; u != 0
+  but the value did not change; the value is 0 although the sum is not."""
   lo, hi = -2 ** (bits - 1), 2 ** (bits - 1) - 1
   v = s + u
-  if overflow == 'wrap':
-    return (v - lo) % 2 ** bits + lo, not lo <= v <= hi
-  return min(max(v, lo), hi), not lo <= v <= hi
+  out = (v - lo) % 2 ** bits + lo if overflow == 'wrap' else min(max(v, lo), hi)
+  return out, (not lo <= v <= hi, u != 0 and out == s, out == 0 and v != 0)
 
 
 def int_chain(xs, ws, acc, chunk, order, combine):
   """An integer dot: chunks of `chunk` products, each added per product (order 'fma') or summed
   exactly and then stepped once ('chunk'), the chunk results stepped into `combine` (an IntFormat's
-  fields, or acc). -> (value, overflow count)"""
+  fields, or acc). -> (value, record), record as `chain`'s (per chunk: the inner steps' flags, the
+  combine step's flags), which `factors` reads."""
   comb = acc if combine == 'acc' else combine
-  total, overflows = 0, 0
+  total, record = 0, []
   for start in range(0, len(xs), chunk):
     products = [int(x) * int(w) for x, w in zip(xs[start:start + chunk], ws[start:start + chunk])]
-    s = 0
+    s, inner = 0, []
     for u in (products if order == 'fma' else [sum(products)]):
-      s, o = int_step(s, u, acc.bits, acc.overflow)
-      overflows += o
-    total, o = int_step(total, s, comb.bits, comb.overflow)
-    overflows += o
-  return total, overflows
+      s, flags = int_step(s, u, acc.bits, acc.overflow)
+      inner.append(flags)
+    total, cflags = int_step(total, s, comb.bits, comb.overflow)
+    record.append((inner, cflags))
+  return total, record

@@ -20,7 +20,7 @@ from tests.conftest import assert_bits_equal
 torch = pytest.importorskip('torch')
 mmasim = pytest.importorskip('mmasim')
 from mmasim import nv_ptx  # noqa: E402
-from mmasim.amd import isa_mfma  # noqa: E402
+from mmasim.amd import MFMA, isa_mfma  # noqa: E402
 from mmasim.nv_ptx import isa_mma, isa_tcgen05mma, isa_wgmma  # noqa: E402
 
 BATCHED = (((2,), (1,)), ((0,), (0,)))
@@ -30,7 +30,11 @@ TYPES = {'tf32': (np.float32, torch.float32), 'f16': (np.float16, torch.float16)
          'e4m3': (ml_dtypes.float8_e4m3fn, torch.float8_e4m3fn),
          'e5m2': (ml_dtypes.float8_e5m2, torch.float8_e5m2),
          'e3m2': (ml_dtypes.float6_e3m2fn, None), 'e2m3': (ml_dtypes.float6_e2m3fn, None),
-         'e2m1': (ml_dtypes.float4_e2m1fn, None)}
+         'e2m1': (ml_dtypes.float4_e2m1fn, None), 'xf32': (np.float32, torch.float32),
+         'fp8': (ml_dtypes.float8_e4m3fnuz, torch.float8_e4m3fnuz),
+         'bf8': (ml_dtypes.float8_e5m2fnuz, torch.float8_e5m2fnuz)}
+TYPE_FIELDS = {**hardware.INPUT_TYPES, **hardware.MFMA_INPUT_TYPES}
+FLOAT32_READ = ('tf32', 'xf32')  # float32 values the model truncates
 ROWS = 48  # dot products per input kind
 
 
@@ -63,6 +67,14 @@ def _distinct(entries):
 
 NV = _distinct(_nv_table())
 MODELLED = [e for e in NV if not e[3] and 'f64' not in e[2]]
+AMD = [(arch, suffix) for arch, suffixes in isa_mfma.arch_mfma_suffix.items()
+       for suffix in suffixes]
+# What lowacc models of mmasim's AMD table: CDNA2's f16 and bf16 (float32 adds flushing
+# subnormals) and CDNA3 but f32 and f64 (two-level fused sums); CDNA1's exact sums, f32 FMA chains
+# and f64 are refused.
+AMD_MODELLED = [(arch, suffix) for arch, suffix in AMD
+                if arch == 'CDNA2' and suffix[-3:] in ('f16', '_1k')
+                or arch == 'CDNA3' and not suffix.endswith(('_f32', '_f64'))]
 
 
 def test_every_mmasim_entry_is_a_preset_or_a_named_exclusion():
@@ -75,9 +87,12 @@ def test_every_mmasim_entry_is_a_preset_or_a_named_exclusion():
     else:
       assert isinstance(hardware.mma(arch, instruction, shape_and_type).acc,
                         hardware.FusedDotProduct)
-  for arch, suffixes in isa_mfma.arch_mfma_suffix.items():
-    for suffix in suffixes:
-      with pytest.raises(ValueError, match='MFMA'):
+  for arch, suffix in AMD:
+    if (arch, suffix) in AMD_MODELLED:
+      assert isinstance(hardware.mma(arch, 'mfma', suffix).acc,
+                        (hardware.FlushedAddTree, hardware.TwoLevelFusedSum))
+    else:
+      with pytest.raises(ValueError, match='float64|FMAs|CDNA1'):
         hardware.mma(arch, 'mfma', suffix)
 
 
@@ -87,8 +102,8 @@ def _in_type(v, name):
 
 def _operands(name, k_total, rng):
   """(4 * ROWS, K) values of type `name`: normal, wide-range, cancelling, special."""
-  fraction_bits, min_exp, _ = hardware.INPUT_TYPES[name]
-  finfo = ml_dtypes.finfo(TYPES[name][0]) if name != 'tf32' else np.finfo(np.float32)
+  fraction_bits, min_exp, _ = TYPE_FIELDS[name]
+  finfo = ml_dtypes.finfo(TYPES[name][0]) if name not in FLOAT32_READ else np.finfo(np.float32)
   max_exp = int(np.log2(float(finfo.max)))
   shape = (ROWS, k_total)
   normal = rng.standard_normal(shape)
@@ -99,15 +114,15 @@ def _operands(name, k_total, rng):
   cancel[:, half:2 * half] = -cancel[:, :half]  # x_i w_i - x_i w_i: exact cancellation
   special = rng.standard_normal(shape) * np.exp2(rng.integers(min_exp - 2, 2, shape))
   specials = [0.0, -0.0, float(finfo.tiny) / 2 ** min(fraction_bits, 2)]
-  if name in ('tf32', 'f16', 'bf16', 'e5m2'):
+  if name in ('tf32', 'xf32', 'f16', 'bf16', 'e5m2'):
     specials += [np.inf, -np.inf, np.nan]
-  elif name == 'e4m3':
+  elif name in ('e4m3', 'fp8', 'bf8'):  # no inf (fp8, bf8: no -0 either)
     specials += [np.nan]
   hit = rng.random(shape) < 0.08
   special[hit] = rng.choice(np.array(specials), hit.sum())
   with np.errstate(over='ignore', invalid='ignore'):
     values = np.concatenate([normal, wide, cancel, special]).astype(np.float32)
-    return values if name == 'tf32' else _in_type(values, name)
+    return values if name in FLOAT32_READ else _in_type(values, name)
 
 
 def _cancelling_partner(w):
@@ -177,6 +192,144 @@ def test_preset_equals_mmasim(entries):
                              f'{expected[bad[:4]]}')
 
 
+def _mfma_types(op):
+  """The operands' type names (TYPES) of an mmasim MFMA."""
+  names = {torch.float32: 'xf32', torch.float16: 'f16', torch.bfloat16: 'bf16',
+           torch.float8_e4m3fnuz: 'fp8', torch.float8_e5m2fnuz: 'bf8'}
+  return names[op.a_type], names[op.b_type]
+
+
+def _mfma_reference(op, x, w):
+  """mmasim: MFMA instructions of k chained through c from +0."""
+  a, b = _mfma_types(op)
+  c = torch.zeros(x.shape[0])
+  for i in range(0, x.shape[1], op.k):
+    c = op.dpa(_to_mmasim(x[:, i:i + op.k], a), _to_mmasim(w[:, i:i + op.k], b), c)
+  return c.numpy()
+
+
+def _plus_zero(d):
+  """d with -0 as +0: lowacc adds a chain's result to its float32 total from +0 (spec section
+  3), so mmasim's rare -0 (a negative sum flushed or rounded to zero) reads +0
+  (test_mfma_flushes_a_sum_...)."""
+  return np.where(d == 0, np.float32(0), d)
+
+
+def _same_mfma(entries):
+  groups = {}
+  for arch, suffix in entries:
+    groups.setdefault(hardware.mma(arch, 'mfma', suffix), []).append((arch, suffix))
+  return list(groups.values())
+
+
+@pytest.mark.parametrize('entries', _same_mfma(AMD_MODELLED),
+                         ids=lambda g: f'{g[0][0]}:{g[0][1]}+{len(g) - 1}')
+def test_mfma_preset_equals_mmasim(entries):
+  """Bit for bit, but for NaN payloads: mmasim's CDNA2 model leaves them to the host CPU (its
+  CDNA3 model gives 0x7FFFFFFF, as lowacc)."""
+  op = MFMA(*entries[0])
+  cfg = hardware.mma(entries[0][0], 'mfma', entries[0][1])
+  for chained in (1, 3):
+    x, w = _case(*_mfma_types(op), op.k * chained)
+    y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+    for arch, suffix in entries:
+      expected = _plus_zero(_mfma_reference(MFMA(arch, suffix), x, w))
+      assert_bits_equal(y, expected, f'{arch} {suffix}, K={x.shape[1]}')
+      if arch == 'CDNA3':
+        np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize('suffix', ['f32_32x32x8f16', 'f32_16x16x8bf16', 'f32_4x4x4bf16_1k'])
+def test_mfma_oracle_agrees_with_mmasim_and_lowacc(suffix):
+  """The oracle's exact-rational flushing adds, on every kind of row, K = 2k (k = 4 for
+  f32_4x4x4bf16_1k: K = 7, a zero-filled last instruction, against lowacc only)."""
+  op = MFMA('CDNA2', suffix)
+  cfg = hardware.mma('CDNA2', 'mfma', suffix)
+  x, w = _case(*_mfma_types(op), op.k * 2)
+  exact = np.array([oracle.ftz_tree_chain([float(v) for v in xi], [float(v) for v in wi],
+                                          cfg.acc) for xi, wi in zip(x, w)], np.float32)
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(exact, _mfma_reference(op, x, w), 'oracle against mmasim')
+  assert_bits_equal(y, _plus_zero(exact), 'lowacc against the oracle')
+  short = [oracle.ftz_tree_chain([float(v) for v in xi[:7]], [float(v) for v in wi[:7]],
+                                 cfg.acc) for xi, wi in zip(x, w)]
+  y = np.asarray(lowacc.dot_general(x[:, None, :7], w[:, :7, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(y, _plus_zero(np.array(short, np.float32)), 'a zero-filled last instruction')
+
+
+@pytest.mark.parametrize('arch, suffix', [
+    ('CDNA2', 'f32_4x4x4bf16_1k'), ('CDNA2', 'f32_32x32x8f16'), ('CDNA2', 'f32_16x16x8bf16'),
+    ('CDNA3', 'f32_32x32x8_bf16'), ('CDNA3', 'f32_16x16x8_xf32'), ('CDNA3', 'f32_32x32x8_f16'),
+    ('CDNA3', 'f32_16x16x32_fp8_bf8'), ('CDNA3', 'f32_32x32x16_bf8_bf8')])
+def test_mfma_step_equals_mmasim_from_any_accumulator(arch, suffix):
+  """One step (an instruction, or a CDNA3 group of it) from c of every kind: normal, wide-range,
+  subnormal, signed zeros, inf, NaN; -0 c and -0 products give +0."""
+  op, cfg = MFMA(arch, suffix), hardware.mma(arch, 'mfma', suffix)
+  a, b = _mfma_types(op)
+  x, w = (v[:, :cfg.acc.group] for v in _case(a, b, op.k))
+  c = _operands('tf32', 1, np.random.default_rng(5))[:, 0]
+  x[:8], w[:8], c[:8] = 0.0, -1.0, -0.0
+  c[ROWS:ROWS + 6] = np.nan, np.inf, -np.inf, np.nan, np.inf, -np.inf  # beside wide products
+  expected = op.dpa(_to_mmasim(x, a), _to_mmasim(w, b), torch.from_numpy(c)).numpy()
+  terms = cfg.acc.terms(x.T[:, :, None], w.T[:, :, None])  # (L, B, 1): B = the rows
+  y = np.asarray(cfg.acc.step(c[:, None, None], terms, None)[0]).ravel()
+  assert_bits_equal(y, expected, suffix)
+  assert not np.signbit(expected[:8]).any()
+  if arch == 'CDNA3':
+    np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+
+
+def test_mfma_counters_and_gradients_go_through_the_kind():
+  """bf16 products past float32's range: sat where mmasim overflows to inf from finite operands;
+  immediate_of zeroes the products of those instructions."""
+  import jax
+  suffix = 'f32_32x32x8bf16_1k'
+  op, cfg = MFMA('CDNA2', suffix), hardware.mma('CDNA2', 'mfma', suffix)
+  rng = np.random.default_rng(8)
+  x = _in_type(rng.standard_normal((32, 8)) * 2.0 ** 63, 'bf16')
+  w = _in_type(rng.standard_normal((32, 8)) * 2.0 ** 63, 'bf16')
+  overflowed = np.isinf(_mfma_reference(op, x, w))
+  assert 0 < overflowed.sum() < 32
+  xs, ws = x[:, None, :], w[:, :, None]
+  stats = lowacc.accumulation_stats(xs, ws, BATCHED, cfg)
+  assert stats['steps'] == 32 and int(stats['sat']) == overflowed.sum()
+  loss = lambda x: lowacc.dot_general(x, ws, BATCHED, cfg.replace(ste='immediate_of')).sum()
+  g = np.asarray(jax.grad(loss)(xs))[:, 0]
+  np.testing.assert_array_equal(g, np.where(overflowed[:, None], 0.0, w))
+
+
+def test_mfma_flushes_a_sum_to_a_zero_of_its_sign():
+  """CDNA2 bf16, k = 4: c = 2^-126, then c - 2^-126 (1 + 2^-7) = -2^-133 flushes to -0, as
+  mmasim and the oracle give it; lowacc's chain then adds that result to its float32 total from
+  +0 (spec section 3), which makes it +0, the one difference from mmasim (`FlushedAddTree`)."""
+  op, cfg = MFMA('CDNA2', 'f32_4x4x4bf16_1k'), hardware.mma('CDNA2', 'mfma', 'f32_4x4x4bf16_1k')
+  tiny = 2.0 ** -63
+  x = np.array([[tiny, 0, 0, 0, -tiny * (1 + 2 ** -7), 0, 0, 0]], np.float32)
+  w = np.array([[tiny, 1, 1, 1, tiny, 1, 1, 1]], np.float32)
+  expected = _mfma_reference(op, x, w)
+  assert expected.view(np.uint32)[0] == 0x80000000
+  exact = oracle.ftz_tree_chain(list(map(float, x[0])), list(map(float, w[0])), cfg.acc)
+  assert np.float32(exact).view(np.uint32) == 0x80000000
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert y.view(np.uint32)[0] == 0
+
+
+@pytest.mark.parametrize('suffix', ['f32_32x32x8_bf16', 'f32_16x16x8_xf32', 'f32_16x16x16_f16',
+                                    'f32_16x16x32_fp8_bf8', 'f32_32x32x16_bf8_bf8'])
+def test_two_level_oracle_agrees_with_mmasim_and_lowacc(suffix):
+  """The oracle's exact-rational two-level sum (CDNA3), on every kind of row, K = 2k."""
+  op, cfg = MFMA('CDNA3', suffix), hardware.mma('CDNA3', 'mfma', suffix)
+  x, w = _case(*_mfma_types(op), op.k * 2)
+  tf32 = lambda v: (v.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+  read = (lambda v: tf32(v)) if cfg.acc.a_type == 'xf32' else (lambda v: v)  # typed operands
+  exact = np.array([oracle.two_level_chain([float(v) for v in xi], [float(v) for v in wi],
+                                           cfg.acc) for xi, wi in zip(read(x), read(w))],
+                   np.float32)
+  assert_bits_equal(exact, _mfma_reference(op, x, w), 'oracle against mmasim')
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(y, _plus_zero(exact), 'lowacc against the oracle')
+
+
 ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'),
                 ('wgmma', 'Hopper', 'm64n8k32.f32.e4m3.e5m2'),
                 ('mma', 'Ampere', 'm16n8k8.f32.bf16.bf16.f32'),
@@ -201,6 +354,22 @@ def test_oracle_agrees_with_mmasim_and_lowacc(entry):
                    np.float32)
   y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
   assert_bits_equal(exact, expected, 'oracle against mmasim')  # the oracle's NaN is any NaN
+  np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize('arch, instruction, shape_and_type', [
+    ('Ampere', 'mma', 'm16n8k16.f32.bf16.bf16.f32'), ('CDNA3', 'mfma', 'f32_16x16x16_bf16')])
+def test_a_subnormal_times_inf_is_inf(arch, instruction, shape_and_type):
+  """bf16 subnormal x -inf is -inf, not the NaN of inf x 0 (XLA on the CPU can read the
+  subnormal as a zero)."""
+  x, w = np.ones((1, 16), np.float32), np.ones((1, 16), np.float32)
+  x[0, 2], w[0, 2] = 2.0 ** -130, -np.inf
+  cfg = hardware.mma(arch, instruction, shape_and_type)
+  op = MFMA(arch, shape_and_type) if instruction == 'mfma' else _operation(instruction, arch,
+                                                                         shape_and_type)
+  expected = op.dpa(_to_mmasim(x, 'bf16'), _to_mmasim(w, 'bf16'), torch.zeros(1)).numpy()
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert expected[0] == -np.inf
   np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
 
 
@@ -249,7 +418,14 @@ def test_counters_and_gradients_go_through_the_kind():
     (('Ampere', 'wgmma', 'm64n8k16.f32.f16.f16'), 'arch'),
     (('Hopper', 'mma', 'm16n8k16.f32.f16.f16'), 'shape_and_type'),
     (('Hopper', 'mma', 'm16n8k16.f32.f17.f16.f32'), 'a type'),
-    (('Hopper', 'mma', 'm16n8k16.f64.f64.f64.f64'), 'float64')])
+    (('Hopper', 'mma', 'm16n8k16.f64.f64.f64.f64'), 'float64'),
+    (('CDNA2', 'mfma', 'f32_32x32x8_f16'), "shape_and_type='f32_32x32x8_f16' is invalid for "
+                                           'mfma on CDNA2'),
+    (('CDNA1', 'mfma', 'f32_32x32x8bf16_1k'), 'is invalid for mfma on CDNA1'),
+    (('CDNA3', 'mfma', 'f32_32x32x8f16'), 'is invalid for mfma on CDNA3'),
+    (('CDNA3', 'mfma', 'f32_16x16x32_fp8'), "fp8 and bf8 name both operands' types"),
+    (('CDNA2', 'mfma', 'f32_32x32x6bf16_1k'), 'k=6 is invalid for CDNA2'),
+    (('CDNA2', 'mfma', 'f32_32x32x2f32'), 'FMAs')])
 def test_bad_names_are_one_clear_error(args, field):
   with pytest.raises(ValueError, match=field):
     hardware.mma(*args)
