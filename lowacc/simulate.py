@@ -6,6 +6,8 @@ config the policy gives its site; every other equation is bound as it is. The ev
 into jit, scan, while, cond, checkpoint, custom_jvp and custom_vjp (whose custom rules still give
 the gradients: the primal is simulated, the tangent or cotangent is the user's rule). GEMMs inside
 any other higher-order primitive (shard_map, pallas_call, ...) stay float32 and are reported so.
+A GEMM whose result is bfloat16 or float16 (a bf16 layer) is simulated on its operands as given
+and its result cast to that dtype, as the equation's own result would be.
 
 Sites. A site's path is its scope path: Linen module names and `jax.named_scope` names as the
 jaxpr's name stack holds them, NNX module paths for NNX modules passed as arguments, and the
@@ -218,12 +220,12 @@ class _Analysis:
 
   def _gemm(self, key, eqn, scope, ins, inside):
     lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
+    to = eqn.params.get('preferred_element_type')
+    if to is not None and not (jnp.issubdtype(to, jnp.floating) and jnp.dtype(to).itemsize <= 4):
+      inside = inside or f'a {eqn.primitive.name} to {to}: not supported'
     if eqn.primitive.name == 'dot_general':
       (lc, _), _ = eqn.params['dimension_numbers']
       k = math.prod(lhs[d] for d in lc)
-      if eqn.params.get('preferred_element_type') not in (None, jnp.float32):
-        to = eqn.params['preferred_element_type']
-        inside = inside or f'a dot_general to {to}: not supported'
     else:
       rhs_spec = eqn.params['dimension_numbers'].rhs_spec
       k = math.prod(rhs[d] for d in rhs_spec[1:])

@@ -230,6 +230,41 @@ def test_a_jitted_helper_called_twice_is_two_sites(xw):
                     'first call only')
 
 
+def test_bf16_and_f16_gemms_are_simulated_and_keep_their_dtype(rng):
+  x = jnp.asarray(rng.standard_normal((4, 8)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((8, 8)), jnp.bfloat16)
+  h = x.astype(jnp.float16)
+  fns = {  # each a dot_general whose equation gives preferred_element_type=bf16 or f16
+      'einsum': (lambda x, w: jnp.einsum('mk,kn->mn', x, w), (x, w), jnp.bfloat16),
+      'matmul': (lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.bfloat16), (x, w),
+                 jnp.bfloat16),
+      'f16': (lambda h, w: h @ w.astype(jnp.float16), (h, w), jnp.float16)}
+  for name, (fn, args, dtype) in fns.items():
+    (site,) = coverage(fn, EVERYWHERE, *args)
+    assert site.status == 'simulated', (name, site.status)
+    y = simulate(fn, EVERYWHERE)(*args)
+    a, b = args
+    want = lowacc.dot_general(a, b.astype(a.dtype), DN, NARROW, preferred_element_type=dtype)
+    assert y.dtype == want.dtype == dtype, name
+    assert_bits_equal(y, want, name)
+  # A bf16 nnx.Linear (float32 parameters, bf16 compute) against the same layer wired by hand.
+  def layer(dot):
+    return nnx.Linear(8, 8, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16,
+                      dot_general=dot, rngs=nnx.Rngs(0))
+
+  fn = lambda model, x: model(x)  # noqa: E731
+  model, wired = layer(lax.dot_general), layer(lowacc.DotGeneral(MODEL))
+  xf = x.astype(jnp.float32)
+  (site,) = coverage(fn, Policy.everywhere(MODEL), model, xf)
+  assert site.status == 'simulated' and site.site.role == 'weight'
+  y = simulate(fn, Policy.everywhere(MODEL))(model, xf)
+  assert y.dtype == jnp.bfloat16
+  assert_bits_equal(y, wired(xf), 'bf16 nnx.Linear')
+  loss = lambda f: lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2)  # noqa: E731
+  assert_bits_equal(jax.grad(loss(lambda x: simulate(fn, Policy.everywhere(MODEL))(model, x)))(xf),
+                    jax.grad(loss(wired))(xf), 'bf16 nnx.Linear, gradient')
+
+
 # ------------------------------------------------------------------ models lowacc did not write
 
 class Attention(nnx.Module):
