@@ -6,6 +6,8 @@ config the policy gives its site; every other equation is bound as it is. The ev
 into jit, scan, while, cond, checkpoint, custom_jvp and custom_vjp (whose custom rules still give
 the gradients: the primal is simulated, the tangent or cotangent is the user's rule). GEMMs inside
 any other higher-order primitive (shard_map, pallas_call, ...) stay float32 and are reported so.
+A GEMM whose result is bfloat16 or float16 (a bf16 layer) is simulated on its operands as given
+and its result cast to that dtype, as the equation's own result would be.
 
 Sites. A site's path is its scope path: Linen module names and `jax.named_scope` names as the
 jaxpr's name stack holds them, NNX module paths for NNX modules passed as arguments, and the
@@ -39,6 +41,7 @@ from lowacc.conv import conv_general_dilated
 from lowacc.dot import dot_general
 from lowacc.formats import DotConfig
 from lowacc.policy import Config, Policy, Site, simulated
+from lowacc.quantize import check_key
 
 __all__ = ['Coverage', 'coverage', 'simulate']
 
@@ -218,12 +221,12 @@ class _Analysis:
 
   def _gemm(self, key, eqn, scope, ins, inside):
     lhs, rhs = (tuple(v.aval.shape) for v in eqn.invars)
+    to = eqn.params.get('preferred_element_type')
+    if to is not None and not (jnp.issubdtype(to, jnp.floating) and jnp.dtype(to).itemsize <= 4):
+      inside = inside or f'a {eqn.primitive.name} to {to}: not supported'
     if eqn.primitive.name == 'dot_general':
       (lc, _), _ = eqn.params['dimension_numbers']
       k = math.prod(lhs[d] for d in lc)
-      if eqn.params.get('preferred_element_type') not in (None, jnp.float32):
-        to = eqn.params['preferred_element_type']
-        inside = inside or f'a dot_general to {to}: not supported'
     else:
       rhs_spec = eqn.params['dimension_numbers'].rhs_spec
       k = math.prod(rhs[d] for d in rhs_spec[1:])
@@ -305,6 +308,12 @@ def _counted(config: Config) -> bool:
   return fwd is not None and fwd.acc is not None
 
 
+def _stochastic(config: Config) -> bool:
+  """Whether any of the site's three GEMMs rounds stochastically (and so needs a key)."""
+  cfg = DotConfig.of(config)
+  return any(c is not None and c.stochastic for c in (cfg.fwd, cfg.dlhs, cfg.drhs))
+
+
 def _one_call(stats) -> dict:
   return {'steps': jnp.int32(stats['steps']), 'sat': stats['sat'], 'lost': stats['lost'],
           'flush': stats['flush'], 'max_abs_error': stats['max_abs_error'],
@@ -335,13 +344,35 @@ def _final(stats: dict) -> dict:
           for path, s in stats.items()}
 
 
+# ------------------------------------------------------------------------------------ keys
+
+def _site_key(rng, index: int):
+  """Site `index`'s key for this iteration: rng's key folded with the index, then with the
+  iteration counter of each enclosing loop, outermost first. rng: (key, counters)."""
+  key, counters = rng
+  key = jax.random.fold_in(key, index)
+  for i in counters:
+    key = jax.random.fold_in(key, i)
+  return key
+
+
+def _iteration(rng, i):
+  """The rng of iteration i of a loop (None stays None: no site needs a key)."""
+  return None if rng is None else (rng[0], rng[1] + (i,))
+
+
 # ------------------------------------------------------------------------------------ evaluation
 
 class _Interpreter:
-  """Evaluates a jaxpr with its sites simulated; each `run` returns (outputs, counters)."""
+  """Evaluates a jaxpr with its sites simulated; each `run` returns (outputs, counters).
+
+  Every evaluation takes `rng`: None when no site rounds stochastically, else (key, counters of
+  the enclosing loops). It is passed as an argument through every higher-order primitive (rather
+  than closed over), because JAX may trace a custom rule later, outside the enclosing trace."""
 
   def __init__(self, table, holds, stats: bool):
     self.table, self.holds, self.stats = table, holds, stats
+    self.index = {key: i for i, key in enumerate(table)}  # a site's place in coverage's list
 
   def counted_inside(self, key) -> dict:
     """Zero counters for every counted site inside a higher-order equation."""
@@ -350,7 +381,7 @@ class _Interpreter:
     return {self.table[k].site.path: _zero() for k in self.holds[key]
             if self.table[k].status == 'simulated' and _counted(self.table[k].config)}
 
-  def run(self, jaxpr, consts, args, where=()):
+  def run(self, jaxpr, consts, args, rng, where=()):
     env = {}
     stats = {}
 
@@ -369,10 +400,10 @@ class _Interpreter:
         key = where + (id(eqn),)
         entry = self.table.get(key)
         if entry is not None and entry.status == 'simulated':
-          outs, st = self.gemm(eqn, entry, ins)
+          outs, st = self.gemm(eqn, entry, ins, rng, self.index[key])
         elif eqn.primitive.name in _SUPPORTED and any(
             self.table[k].status == 'simulated' for k in self.holds.get(key, ())):
-          outs, st = getattr(self, '_' + eqn.primitive.name)(key, eqn, ins)
+          outs, st = getattr(self, '_' + eqn.primitive.name)(key, eqn, ins, rng)
         else:
           outs, st = self.bind(eqn, ins), {}
       stats = _merge(stats, st)
@@ -385,67 +416,68 @@ class _Interpreter:
     out = eqn.primitive.bind(*ins, **params)
     return out if eqn.primitive.multiple_results else [out]
 
-  def gemm(self, eqn, entry, ins):
+  def gemm(self, eqn, entry, ins, rng, index):
     lhs, rhs = ins
     p, config = eqn.params, entry.config
     count = self.stats and _counted(config)
+    key = _site_key(rng, index) if _stochastic(config) else None
     if eqn.primitive.name == 'dot_general':
-      out = dot_general(lhs, rhs, p['dimension_numbers'], config,
+      out = dot_general(lhs, rhs, p['dimension_numbers'], config, key=key,
                         preferred_element_type=p['preferred_element_type'], stats=count)
     else:
       kw = {k: p[k] for k in ('window_strides', 'padding', 'lhs_dilation', 'rhs_dilation',
                               'dimension_numbers', 'feature_group_count')}
       out = conv_general_dilated(lhs, rhs, **kw, preferred_element_type=p['preferred_element_type'],
-                                 config=config, stats=count)
+                                 config=config, key=key, stats=count)
     y, st = out if count else (out, None)
     return [y], {entry.site.path: _one_call(st)} if count else {}
 
   def closed(self, closed_jaxpr, where):
-    """A function of the jaxpr's inputs -> (outputs, counters)."""
-    return lambda *args: self.run(closed_jaxpr.jaxpr, closed_jaxpr.consts, args, where)
+    """A function of (rng, *the jaxpr's inputs) -> (outputs, counters)."""
+    return lambda rng, *args: self.run(closed_jaxpr.jaxpr, closed_jaxpr.consts, args, rng, where)
 
-  def _call(self, key, eqn, ins):
+  def _call(self, key, eqn, ins, rng):
     sub = eqn.params.get('jaxpr', eqn.params.get('call_jaxpr'))
     if isinstance(sub, core.Jaxpr):
       sub = core.ClosedJaxpr(sub, ())
-    return self.closed(sub, key + (0,))(*ins)
+    return self.closed(sub, key + (0,))(rng, *ins)
 
   _jit = _closed_call = _call
 
-  def _remat2(self, key, eqn, ins):
+  def _remat2(self, key, eqn, ins, rng):
     p = eqn.params
     fn = jax.checkpoint(self.closed(core.ClosedJaxpr(p['jaxpr'], ()), key + (0,)),
                         prevent_cse=p['prevent_cse'], policy=p['policy'])
-    return fn(*ins)
+    return fn(rng, *ins)
 
-  def _cond(self, key, eqn, ins):
+  def _cond(self, key, eqn, ins, rng):
     zero = self.counted_inside(key)
 
     def branch(i, b):
-      def run(*ops):
-        outs, st = self.closed(b, key + (i,))(*ops)
+      def run(rng, *ops):
+        outs, st = self.closed(b, key + (i,))(rng, *ops)
         return outs, _merge(zero, st)
       return run
 
     branches = [branch(i, b) for i, b in enumerate(eqn.params['branches'])]
-    return lax.switch(ins[0], branches, *ins[1:])
+    return lax.switch(ins[0], branches, rng, *ins[1:])
 
-  def _scan(self, key, eqn, ins):
+  def _scan(self, key, eqn, ins, rng):
     p = eqn.params
     nc, ncarry = p['num_consts'], p['num_carry']
     consts, init, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
     body_fn = self.closed(p['jaxpr'], key + (0,))
 
     def body(carry, x):
-      c, st = carry
-      outs, new = body_fn(*consts, *c, *x)
-      return (outs[:ncarry], _merge(st, new)), outs[ncarry:]
+      c, st, i = carry
+      outs, new = body_fn(_iteration(rng, i), *consts, *c, *x)
+      return (outs[:ncarry], _merge(st, new), i + 1), outs[ncarry:]
 
-    (carry, st), ys = lax.scan(body, (init, self.counted_inside(key)), xs, length=p['length'],
-                               reverse=p['reverse'], unroll=p['unroll'])
+    (carry, st, _), ys = lax.scan(body, (init, self.counted_inside(key), jnp.int32(0)), xs,
+                                  length=p['length'], reverse=p['reverse'], unroll=p['unroll'])
     return list(carry) + list(ys), st
 
-  def _while(self, key, eqn, ins):
+  def _while(self, key, eqn, ins, rng):
     p = eqn.params
     cn, bn = p['cond_nconsts'], p['body_nconsts']
     cconsts, bconsts, init = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
@@ -453,27 +485,28 @@ class _Interpreter:
     body_fn = self.closed(p['body_jaxpr'], key + (1,))
 
     def body(carry):
-      c, st = carry
-      outs, new = body_fn(*bconsts, *c)
-      return outs, _merge(st, new)
+      c, st, i = carry
+      outs, new = body_fn(_iteration(rng, i), *bconsts, *c)
+      return outs, _merge(st, new), i + 1
 
-    carry, st = lax.while_loop(lambda carry: cond_fn(*cconsts, *carry[0])[0][0], body,
-                               (init, self.counted_inside(key)))
+    carry, st, _ = lax.while_loop(lambda carry: cond_fn(None, *cconsts, *carry[0])[0][0], body,
+                                  (init, self.counted_inside(key), jnp.int32(0)))
     return list(carry), st
 
-  def _custom_jvp_call(self, key, eqn, ins):
+  def _custom_jvp_call(self, key, eqn, ins, rng):
     """The primal simulated; the tangents are the user's jvp rule (evaluated as traced)."""
     p = eqn.params
     nc = p['num_consts']
     primal = self.closed(p['call_jaxpr'], key + (0,))
 
     @jax.custom_jvp
-    def call(*args):
-      return primal(*args)
+    def call(rng, *args):
+      return primal(rng, *args)
 
     @call.defjvp
-    def jvp(args, tangents):
-      out = call(*args)
+    def jvp(primals, tangents):
+      out = call(*primals)
+      args, tangents = primals[1:], tangents[1:]
       jvp_jaxpr, jvp_consts, out_zeros = p['jvp_jaxpr_fun'].call_wrapped(
           *[False] * (len(args) - nc))
       res = jax.core.eval_jaxpr(jvp_jaxpr, jvp_consts, *args[nc:], *tangents[nc:])
@@ -481,9 +514,9 @@ class _Interpreter:
       out_tangents = [jnp.zeros_like(o) if z else next(nz) for o, z in zip(out[0], out_zeros)]
       return out, (out_tangents, _zero_tangents(out[1]))
 
-    return call(*ins)
+    return call(rng, *ins)
 
-  def _custom_vjp_call(self, key, eqn, ins):
+  def _custom_vjp_call(self, key, eqn, ins, rng):
     """The primal simulated; the cotangents are the user's bwd rule, on the residuals of the
     user's fwd (evaluated as traced)."""
     p = eqn.params
@@ -491,26 +524,26 @@ class _Interpreter:
     primal = self.closed(p['call_jaxpr'], key + (0,))
 
     @jax.custom_vjp
-    def call(*args):
-      return primal(*args)
+    def call(rng, *args):
+      return primal(rng, *args)
 
-    def fwd(*args):
+    def fwd(rng, *args):
       fwd_jaxpr, fwd_consts = p['fwd_jaxpr_thunk'].call_wrapped(*[True] * (len(args) - nc))
       out = jax.core.eval_jaxpr(fwd_jaxpr, fwd_consts, *args[nc:])
       _, res_tree, forwarded = p['out_trees']()
       fresh = iter(out[:res_tree.num_leaves - sum(f is not None for f in forwarded)])
       res = [next(fresh) if f is None else args[nc + f] for f in forwarded]
-      return call(*args), (args, res)
+      return call(rng, *args), (args, res)
 
     def bwd(saved, cts):
       args, res = saved
       grads = p['bwd'].call_wrapped(*res, *cts[0])
       grads = [jnp.zeros_like(a) if g is None or type(g).__name__ in ('Zero', 'SymbolicZero')
                else g for a, g in zip(args[nc:], grads)]
-      return tuple(jnp.zeros_like(c) for c in args[:nc]) + tuple(grads)
+      return (None,) + tuple(jnp.zeros_like(c) for c in args[:nc]) + tuple(grads)
 
     call.defvjp(fwd, bwd)
-    return call(*ins)
+    return call(rng, *ins)
 
 
 def _zero_tangents(stats):
@@ -519,6 +552,20 @@ def _zero_tangents(stats):
 
 
 # ------------------------------------------------------------------------------------ public
+
+def _rng(table, key):
+  """The rng of the outermost evaluation: None when no simulated site rounds stochastically."""
+  needs = [c.site.path for c in table.values()
+           if c.status == 'simulated' and _stochastic(c.config)]
+  if not needs:
+    return None
+  if key is None:
+    raise ValueError(f"lowacc.simulate: site {needs[0]!r} rounds stochastically "
+                     f"({len(needs)} site(s) do): pass key= (a jax PRNG key) to the simulated "
+                     "function")
+  check_key(key)
+  return key, ()
+
 
 def coverage(fn: Callable, policy: Policy, *args, **kwargs) -> list[Coverage]:
   """Every GEMM site of `fn(*args, **kwargs)` in trace order: path, role, kind, operand shapes,
@@ -530,26 +577,30 @@ def coverage(fn: Callable, policy: Policy, *args, **kwargs) -> list[Coverage]:
 def simulate(fn: Callable, policy: Policy, stats: bool = False) -> Callable:
   """fn with every dot_general and convolution it traces to simulated under `policy`.
 
-  The returned function takes fn's arguments and returns fn's outputs, or (outputs, stats) with
-  stats=True: path -> steps, sat, lost, flush (summed over the site's calls, e.g. scan iterations),
-  max_abs_error (the largest), rel_error (the mean) and calls, each as `lowacc.accumulation_stats`
-  counts that GEMM, computed in the traced computation (so under jit and vmap too) from the same
-  run of the chain as the output (`lowacc.dot_general(..., stats=True)`). Warns once about sites
-  that no rule matched.
+  The returned function takes fn's arguments, and `key=` (a jax PRNG key) where a site rounds
+  stochastically: site i of `coverage`'s list rounds with `jax.random.fold_in(key, i)`, folded
+  further with the iteration counter (0, 1, ... in execution order) of each enclosing scan or
+  while loop, outermost first (so fn cannot take an argument named key itself). It returns fn's
+  outputs, or (outputs, stats) with stats=True: path -> steps, sat, lost, flush (summed over the
+  site's calls, e.g. scan iterations), max_abs_error (the largest), rel_error (the mean) and
+  calls, each as `lowacc.accumulation_stats` counts that GEMM, computed in the traced computation
+  (so under jit and vmap too) from the same run of the chain as the output
+  (`lowacc.dot_general(..., stats=True)`). Warns once about sites that no rule matched.
   """
   warned = set()
 
   @functools.wraps(fn)
-  def simulated_fn(*args, **kwargs):
+  def simulated_fn(*args, key=None, **kwargs):
     closed, out_tree, leaves, params = _trace(fn, args, kwargs)
     table, holds = _sites(closed, params, policy)
+    rng = _rng(table, key)
     unmatched = [c.site.path for c in table.values()
                  if c.status.startswith('float32') and c.status != 'float32 (rule)']
     if unmatched and not set(unmatched) <= warned:
       warned.update(unmatched)
       warnings.warn(f'lowacc.simulate: {len(unmatched)} of {len(table)} GEMM sites stay float32 '
                     f'by no explicit rule: {", ".join(unmatched)}', stacklevel=2)
-    outs, st = _Interpreter(table, holds, stats).run(closed.jaxpr, closed.consts, leaves)
+    outs, st = _Interpreter(table, holds, stats).run(closed.jaxpr, closed.consts, leaves, rng)
     out = jax.tree.unflatten(out_tree, outs)
     return (out, _final(st)) if stats else out
 

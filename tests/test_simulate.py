@@ -24,6 +24,7 @@ EVERYWHERE = Policy.everywhere(NARROW)
 # Wide enough that activations below 1 survive (NARROW flushes below 0.25), 4 bits of mantissa.
 MODEL = AccumulatorConfig(acc=FloatFormat(4, 3, rounding='toward_zero'), chunk_size=4)
 DN = (((1,), (0,)), ((), ()))
+STOCHASTIC = NARROW.replace(acc=NARROW.acc.replace(rounding='stochastic'))
 
 
 def gemm_count(fn, *args):
@@ -96,18 +97,31 @@ def control_flow(x, w):
   return y
 
 
-def control_flow_by_hand(x, w, cfg):
-  dot = lambda a, b: lowacc.dot_general(a, b, DN, cfg)  # noqa: E731
+def wired_dot(cfg, key):
+  """lowacc.dot_general as site `site` of coverage's list, in iteration `loops` of its loops."""
+  def dot(a, b, site, *loops):
+    if key is not None:
+      k = jax.random.fold_in(key, site)
+      for i in loops:
+        k = jax.random.fold_in(k, i)
+    return lowacc.dot_general(a, b, DN, cfg, key=None if key is None else k)
+  return dot
+
+
+def control_flow_by_hand(x, w, cfg, key=None):
+  dot = wired_dot(cfg, key)
 
   @jax.custom_vjp
   def custom(x, w):
-    return dot(x, w)
+    return dot(x, w, 0)
 
-  custom.defvjp(lambda x, w: (dot(x, w), (x, w)), lambda r, g: (2 * g @ r[1].T, r[0].T @ g))
+  custom.defvjp(lambda x, w: (dot(x, w, 0), (x, w)), lambda r, g: (2 * g @ r[1].T, r[0].T @ g))
   y = custom(x, w)
-  y = jax.checkpoint(lambda y: dot(y, w))(y)
-  y = lax.cond(y.sum() > 0, lambda y: dot(y, w), lambda y: dot(y, w.T), y)
-  y, _ = lax.scan(lambda c, wi: (jnp.tanh(dot(c, wi)), None), y, jnp.stack([w, 2 * w]))
+  y = jax.checkpoint(lambda y: dot(y, w, 1))(y)
+  # (cond's jaxpr holds the false branch first, so coverage lists it first)
+  y = lax.cond(y.sum() > 0, lambda y: dot(y, w, 3), lambda y: dot(y, w.T, 2), y)
+  y, _ = lax.scan(lambda c, xi: (jnp.tanh(dot(c, xi[0], 4, xi[1])), None), y,
+                  (jnp.stack([w, 2 * w]), jnp.arange(2)))
   return y
 
 
@@ -146,6 +160,71 @@ def test_scan_cond_checkpoint_and_custom_vjp_are_simulated_with_the_custom_rule(
     warnings.simplefilter('ignore')
     for g, e in zip(grad(simulate(control_flow, Policy(())))(x, w), grad(control_flow)(x, w)):
       assert_bits_equal(g, e, 'float32 gradient with the custom rule')
+
+
+@jax.custom_jvp
+def tripled_tangent(x, w):
+  return x @ w
+
+
+tripled_tangent.defjvp(lambda p, t: (p[0] @ p[1], 3 * (t[0] @ p[1] + p[0] @ t[1])))
+
+
+def loops(x, w, while_loop=True):
+  """Site 0 in a custom_jvp, 1 in a fori_loop (a scan), 2 in a while loop (which has no reverse
+  mode, hence the flag), then one in a fori_loop inside a scan."""
+  y = tripled_tangent(x, w)
+  y = lax.fori_loop(0, 2, lambda i, c: jnp.tanh(c @ w), y)
+  if while_loop:
+    y, _ = lax.while_loop(lambda c: c[1] < 2, lambda c: (jnp.tanh(c[0] @ w), c[1] + 1), (y, 0))
+  inner = lambda c, wi: lax.fori_loop(0, 2, lambda i, c: jnp.tanh(c @ wi), c)  # noqa: E731
+  y, _ = lax.scan(lambda c, wi: (inner(c, wi), None), y, jnp.stack([w, -w, w]))
+  return y
+
+
+def loops_by_hand(x, w, cfg, key, while_loop=True):
+  dot = wired_dot(cfg, key)
+
+  @jax.custom_jvp
+  def custom(x, w):
+    return dot(x, w, 0)
+
+  custom.defjvp(lambda p, t: (dot(p[0], p[1], 0), 3 * (t[0] @ p[1] + p[0] @ t[1])))
+  y = custom(x, w)
+  y = lax.fori_loop(0, 2, lambda i, c: jnp.tanh(dot(c, w, 1, i)), y)
+  if while_loop:
+    y, _ = lax.while_loop(lambda c: c[1] < 2,
+                          lambda c: (jnp.tanh(dot(c[0], w, 2, c[1])), c[1] + 1), (y, 0))
+
+  def layer(c, xi):
+    wi, j = xi
+    return lax.fori_loop(0, 2, lambda i, c: jnp.tanh(dot(c, wi, 2 + while_loop, j, i)), c), None
+
+  y, _ = lax.scan(layer, y, (jnp.stack([w, -w, w]), jnp.arange(3)))
+  return y
+
+
+def test_stochastic_rounding_takes_a_key_folded_per_site_and_iteration(xw):
+  x, w = xw
+  policy = Policy.everywhere(STOCHASTIC)
+  assert len(coverage(loops, policy, x, w)) == gemm_count(loops, x, w) == 4
+  key = jax.random.key(7)
+  sim = simulate(loops, policy)
+  want = loops_by_hand(x, w, STOCHASTIC, key)
+  assert_bits_equal(sim(x, w, key=key), want, 'stochastic, eager')
+  assert_bits_equal(jax.jit(sim)(x, w, key=key), want, 'stochastic, jit')
+  assert not np.array_equal(sim(x, w, key=jax.random.key(8)), want)  # the key matters
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w) ** 2)  # noqa: E731
+  for fn, by_hand in ((lambda x, w: loops(x, w, False),
+                       lambda x, w: loops_by_hand(x, w, STOCHASTIC, key, False)),
+                      (control_flow, lambda x, w: control_flow_by_hand(x, w, STOCHASTIC, key))):
+    got = jax.grad(loss(lambda x, w: simulate(fn, policy)(x, w, key=key)), (0, 1))(x, w)
+    for g, e in zip(got, jax.grad(loss(by_hand), (0, 1))(x, w)):
+      assert_bits_equal(g, e, 'stochastic, gradient')
+  with pytest.raises(ValueError, match=r"site '.*' rounds stochastically .* pass key="):
+    sim(x, w)
+  with pytest.raises(ValueError, match='not a jax PRNG key'):
+    sim(x, w, key=7)
 
 
 def test_counters_equal_accumulation_stats_eager_jit_scan_and_vmap(xw):
@@ -228,6 +307,41 @@ def test_a_jitted_helper_called_twice_is_two_sites(xw):
   first_only = Policy((Rule(f'^{re.escape(paths[0])}$', NARROW), Rule('.*', None)))
   assert_bits_equal(simulate(fn, first_only)(x, w), lowacc.dot_general(x, w, DN, NARROW) @ w,
                     'first call only')
+
+
+def test_bf16_and_f16_gemms_are_simulated_and_keep_their_dtype(rng):
+  x = jnp.asarray(rng.standard_normal((4, 8)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((8, 8)), jnp.bfloat16)
+  h = x.astype(jnp.float16)
+  fns = {  # each a dot_general whose equation gives preferred_element_type=bf16 or f16
+      'einsum': (lambda x, w: jnp.einsum('mk,kn->mn', x, w), (x, w), jnp.bfloat16),
+      'matmul': (lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.bfloat16), (x, w),
+                 jnp.bfloat16),
+      'f16': (lambda h, w: h @ w.astype(jnp.float16), (h, w), jnp.float16)}
+  for name, (fn, args, dtype) in fns.items():
+    (site,) = coverage(fn, EVERYWHERE, *args)
+    assert site.status == 'simulated', (name, site.status)
+    y = simulate(fn, EVERYWHERE)(*args)
+    a, b = args
+    want = lowacc.dot_general(a, b.astype(a.dtype), DN, NARROW, preferred_element_type=dtype)
+    assert y.dtype == want.dtype == dtype, name
+    assert_bits_equal(y, want, name)
+  # A bf16 nnx.Linear (float32 parameters, bf16 compute) against the same layer wired by hand.
+  def layer(dot):
+    return nnx.Linear(8, 8, dtype=jnp.bfloat16, preferred_element_type=jnp.bfloat16,
+                      dot_general=dot, rngs=nnx.Rngs(0))
+
+  fn = lambda model, x: model(x)  # noqa: E731
+  model, wired = layer(lax.dot_general), layer(lowacc.DotGeneral(MODEL))
+  xf = x.astype(jnp.float32)
+  (site,) = coverage(fn, Policy.everywhere(MODEL), model, xf)
+  assert site.status == 'simulated' and site.site.role == 'weight'
+  y = simulate(fn, Policy.everywhere(MODEL))(model, xf)
+  assert y.dtype == jnp.bfloat16
+  assert_bits_equal(y, wired(xf), 'bf16 nnx.Linear')
+  loss = lambda f: lambda x: jnp.sum(f(x).astype(jnp.float32) ** 2)  # noqa: E731
+  assert_bits_equal(jax.grad(loss(lambda x: simulate(fn, Policy.everywhere(MODEL))(model, x)))(xf),
+                    jax.grad(loss(wired))(xf), 'bf16 nnx.Linear, gradient')
 
 
 # ------------------------------------------------------------------ models lowacc did not write
