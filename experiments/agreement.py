@@ -69,9 +69,9 @@ def check(config, model_path: str, wanted: list[dict], inputs: int, procs: int,
   if inputs and not photos <= inputs <= available:
     raise ValueError(f'--inputs={inputs}: must be 0 (all {available} views) or {photos}..'
                      f'{available} (at least one view of each of the {photos} photos)')
-  if stats_examples > min(inputs or available, config.data.eval_batch_size):
-    raise ValueError(f'--stats_examples={stats_examples}: must be at most --inputs and '
-                     f'config.data.eval_batch_size ({config.data.eval_batch_size})')
+  if stats_formats and stats_examples > (inputs or available):
+    raise ValueError(f'--stats_examples={stats_examples}: must be at most --inputs '
+                     f'({inputs or available})')
   formats = [p['format'] for p in wanted]
   for fmt in stats_formats:
     if fmt not in formats:
@@ -134,12 +134,12 @@ class Agreement:
     self.task, self.model = train.build(self.config)
     self.lengths = contraction_lengths(self.model)
     self.stats_formats = set(stats_formats)
-    self.reference = self._logits(Policy.everywhere(None))
-    self.stats_images = self.reference.pop('image')[:stats_examples]
+    self.reference = self._logits(Policy.everywhere(None), stats_examples if stats_formats else 0)
+    self.stats_images = self.reference.pop('image')
 
-  def _logits(self, policy: Policy) -> dict[str, np.ndarray]:
+  def _logits(self, policy: Policy, images: int = 0) -> dict[str, np.ndarray]:
     """The logits, label, view and photo of every view, through one jitted forward pass of the
-    model under `policy` (and the float32 pass keeps the images of the first batch)."""
+    model under `policy`, and the first `images` views' images."""
     apply_policy(self.model, policy)
     self.model.eval()
     forward = nnx.jit(lambda model, images: model(images))
@@ -147,10 +147,13 @@ class Agreement:
     for batch in self.task.eval_batches(self.config):
       valid = np.asarray(batch['valid']) > 0
       parts.setdefault('logits', []).append(np.asarray(forward(self.model, batch['image']))[valid])
-      for key in ('label', 'view', 'photo') + (('image',) if 'image' not in parts else ()):
-        parts.setdefault(key, []).append(np.asarray(batch[key])[valid])
+      for key in ('label', 'view', 'photo', 'image'):
+        if key != 'image' or sum(map(len, parts.get('image', []))) < images:
+          parts.setdefault(key, []).append(np.asarray(batch[key])[valid])
     self.model.train()
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out['image'] = out['image'][:images] if 'image' in out else np.zeros((0,), np.float32)
+    return out
 
   def __call__(self, point: dict) -> dict:
     fmt = point['format']
@@ -188,8 +191,9 @@ KINDS = (('depthwise', 'depthwise_conv'), ('1x1 expansion', 'expand_conv'),
 
 
 def by_kind(counters: dict[str, dict]) -> dict[str, dict]:
-  """Counters summed over the layers of each kind and contraction length K ('depthwise K=9'),
-  with the rates of sat, lost and flush per accumulation step and the mean relative error."""
+  """Counters summed over the layers of each kind and contraction length K ('depthwise K=9'):
+  the rates of sat, lost and flush per accumulation step, the saturated steps, and the layers'
+  mean relative error of the output against the float32 dot."""
   groups: dict[str, dict] = {}
   for name, s in counters.items():
     kind = next((k for k, suffix in KINDS if name.split('#')[0].endswith(suffix)), 'other')
@@ -202,7 +206,7 @@ def by_kind(counters: dict[str, dict]) -> dict[str, dict]:
     g['rel_error'] += s['rel_error']
     for field in ('steps', 'sat', 'lost', 'flush'):
       g[field] += s[field]
-  return {key: dict(layers=g['layers'], K=(min(g['K']), max(g['K'])),
+  return {key: dict(layers=g['layers'], K=(min(g['K']), max(g['K'])), sat_steps=g['sat'],
                     **{f: g[f] / max(g['steps'], 1) for f in ('sat', 'lost', 'flush')},
                     rel_error=g['rel_error'] / g['layers'])
           for key, g in sorted(groups.items())}
@@ -230,14 +234,15 @@ def markdown(config, rows: list[dict], inputs: int, stats_examples: int) -> str:
   kinds = {k: by_kind(r['counters']) for r in rows if r['counters'] for k in [r['format']]}
   if kinds:
     names = sorted({k for groups in kinds.values() for k in groups})
-    out += ['', f'## Telemetry on {stats_examples} views: lost / flush / sat, % of '
-            'accumulation steps', '', '| accumulator | ' + ' | '.join(
-                f"{n} ({kinds[next(iter(kinds))][n]['layers']} layers)"
-                if n in kinds[next(iter(kinds))] else n for n in names) + ' |',
+    first = kinds[next(iter(kinds))]
+    out += ['', f'## Telemetry on {stats_examples} views: steps lost / flushed (%), saturated '
+            "steps, layers' mean relative error (%)", '', '| accumulator | ' + ' | '.join(
+                f"{n} ({first[n]['layers']} layers)" if n in first else n for n in names) + ' |',
             '|---' * (len(names) + 1) + '|']
     out += [f'| {fmt} | ' + ' | '.join(
-        f"{100 * g[n]['lost']:.2f} / {100 * g[n]['flush']:.2f} / {100 * g[n]['sat']:.2f}"
-        if n in g else '-' for n in names) + ' |' for fmt, g in kinds.items()]
+        f"{100 * g[n]['lost']:.2f} / {100 * g[n]['flush']:.2f} / {g[n]['sat_steps']} / "
+        f"{100 * g[n]['rel_error']:.1f}" if n in g else '-' for n in names) + ' |'
+        for fmt, g in kinds.items()]
   return '\n'.join(out) + '\n'
 
 
