@@ -3,6 +3,9 @@ wheel), evaluated zero-shot under the accumulator sweep: no fine-tuning. Offline
 labelled ImageNet validation photos of the foolbox wheel, with the Lite eval preprocessing.
 
 python -m experiments.main --config=configs/imagenet_efficientnet.py --workdir=runs/lite0
+Label-free, on every offline photo's crops and flips (agreement with float32 and KL):
+python -m experiments.agreement --config=configs/imagenet_efficientnet.py \
+    --out=results/agreement_lite0 --inputs=81
 On ImageNet itself: --config.data.name=imagenet --config.data.data_dir=$HOME/tensorflow_datasets
 """
 

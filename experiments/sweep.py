@@ -26,6 +26,7 @@ refused, never reported. Fine-tuning runs the recipe (experiments.train) per poi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -182,12 +183,12 @@ class Evaluator:
     return dict(point, bits=reporting.bits(fmt), metric=metric, layers=layers)
 
 
-_WORKER: Evaluator | None = None
+_WORKER = None
 
 
-def _start_worker(*args):
+def _start_worker(evaluator, *args):
   global _WORKER
-  _WORKER = Evaluator(*args)
+  _WORKER = evaluator(*args)
 
 
 def _score(point):
@@ -195,15 +196,16 @@ def _score(point):
 
 
 def zero_shot(config, model_path: str, todo: list[dict], procs: int, stats_examples: int,
-              done_path: str):
-  """Scores the points of `todo` in `procs` processes, appending each to done_path as it ends."""
-  args = (config.to_dict(), model_path, stats_examples)
+              done_path: str, evaluator=Evaluator, extra=()):
+  """Scores the points of `todo` with `evaluator(config dict, model_path, stats_examples,
+  *extra)` in `procs` processes, appending each row to done_path as it ends."""
+  args = (config.to_dict(), model_path, stats_examples, *extra)
   with open(done_path, 'a') as done:
     if procs <= 1:
-      scored = map(Evaluator(*args), todo)
+      scored = map(evaluator(*args), todo)
       pool = None
     else:
-      pool = multiprocessing.get_context('spawn').Pool(procs, _start_worker, args)
+      pool = multiprocessing.get_context('spawn').Pool(procs, _start_worker, (evaluator, *args))
       scored = pool.imap_unordered(_score, todo)
     for row in scored:
       state.append_jsonl(done, row)
@@ -212,6 +214,34 @@ def zero_shot(config, model_path: str, todo: list[dict], procs: int, stats_examp
     if pool is not None:
       pool.close()
       pool.join()
+
+
+@contextlib.contextmanager
+def resumed(out: str, fields: dict):
+  """Holds the lock of <out>.state for the block, once points and fine-tuning workdirs that
+  another model or config made (manifest `fields`) are refused with a StateError."""
+  done_path = out + '.points.jsonl'
+  with state.lock(out + '.state', '--out'):
+    fresh = f'delete {done_path}, {out}_finetune and {out}.state, or give another --out'
+    made = [p for p in (done_path, out + '_finetune') if os.path.exists(p)]
+    if made and not os.path.exists(os.path.join(out + '.state', 'manifest.json')):
+      raise state.StateError(f'{made[0]} has no manifest saying which model and config made it: '
+                             f'{fresh}')
+    state.check_manifest(out + '.state', fields, fresh)
+    yield
+
+
+def scored(config, model_path: str, wanted: list[dict], procs: int, stats_examples: int,
+           out: str, evaluator=Evaluator, extra=()) -> list[dict]:
+  """The rows of `wanted`, in order (inside `resumed(out, ...)`): those <out>.points.jsonl
+  holds, and the others scored now by zero_shot, which appends them to it."""
+  done_path = out + '.points.jsonl'
+  done = {_key(row): row for row in state.read_jsonl(done_path)}
+  todo = [p for p in wanted if _key(p) not in done]
+  if todo:
+    zero_shot(config, model_path, todo, procs, stats_examples, done_path, evaluator, extra)
+    done = {_key(row): row for row in state.read_jsonl(done_path)}
+  return [done[_key(p)] for p in wanted]
 
 
 def finetune(config, model_path: str, fmt: str, workdir: str) -> dict:
@@ -282,21 +312,9 @@ def sweep(config, model_path: str, names, grid, finetune_formats, procs: int,
   check(config, wanted, finetune_formats, procs, stats_examples)
   fields = manifest(config, model_path, stats_examples)
   cli.writable('out', out)
-  done_path = out + '.points.jsonl'
-  with state.lock(out + '.state', '--out'):
-    fresh = f'delete {done_path}, {out}_finetune and {out}.state, or give another --out'
-    made = [p for p in (done_path, out + '_finetune') if os.path.exists(p)]
-    if made and not os.path.exists(os.path.join(out + '.state', 'manifest.json')):
-      raise state.StateError(f'{made[0]} has no manifest saying which model and config made it: '
-                             f'{fresh}')
-    state.check_manifest(out + '.state', fields, fresh)
-    done = {_key(row): row for row in state.read_jsonl(done_path)}
-    todo = [p for p in wanted if _key(p) not in done]
+  with resumed(out, fields):
     start = time.time()
-    if todo:
-      zero_shot(config, model_path, todo, procs, stats_examples, done_path)
-      done = {_key(row): row for row in state.read_jsonl(done_path)}
-    rows = [done[_key(p)] for p in wanted]
+    rows = scored(config, model_path, wanted, procs, stats_examples, out)
     tuned = [finetune(config, model_path, fmt, os.path.join(out + '_finetune', fmt))
              for fmt in finetune_formats]
     result = dict(config=config.to_dict(), model=model_path, points=rows, finetune=tuned,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowacc.data import imagenet_samples, images, pipeline, text
+from lowacc.data import imagenet_samples, images, photo_views, pipeline, text
 from lowacc.models import bert, efficientnet, resnet
 
 # Layer-name patterns of attention's two activation products (lowacc/models/bert.py).
@@ -69,9 +69,10 @@ class _Task:
 
 
 class ImageClassification(_Task):
-  """ResNet-18/34/50 on MNIST, Fashion-MNIST or ImageNet, EfficientNet-Lite0/1/2 on ImageNet or
-  its 20 offline photos ('imagenet_samples', evaluation only: training reads the same photos);
-  cross-entropy, top-1 accuracy."""
+  """ResNet-18/34/50 on MNIST, Fashion-MNIST or ImageNet, EfficientNet-Lite0/1/2 on ImageNet, on
+  its 20 offline photos ('imagenet_samples', evaluation only: training reads the same photos) or
+  on the label-free views of every offline photo ('photo_views', labels -1 where a photo has
+  none: for experiments.agreement); cross-entropy, top-1 accuracy."""
 
   MODELS = {'resnet18': resnet.resnet18, 'resnet34': resnet.resnet34, 'resnet50': resnet.resnet50,
             **{f'efficientnet_{v}': functools.partial(efficientnet.efficientnet_lite, v)
@@ -81,6 +82,10 @@ class ImageClassification(_Task):
     if config.model.name not in self.MODELS:
       raise ValueError(f'config.model.name={config.model.name!r} is invalid for '
                        f'image_classification: valid values are {tuple(self.MODELS)}')
+    if config.data.name == 'photo_views' and not config.model.name.startswith('efficientnet_'):
+      raise ValueError(f"config.data.name='photo_views' is invalid for config.model.name="
+                       f"{config.model.name!r}: its views are normalized for EfficientNet-Lite "
+                       "(efficientnet_lite0, _lite1, _lite2)")
     if config.pretrained and not os.path.isfile(config.pretrained):
       raise FileNotFoundError(f'config.pretrained={config.pretrained!r} does not exist: give a '
                               'torchvision ResNet state dict saved as .safetensors (EfficientNet: '
@@ -102,12 +107,18 @@ class ImageClassification(_Task):
     if name == 'imagenet_samples':
       photos = imagenet_samples.imagenet_samples()
       return photos, photos
+    if name == 'photo_views':
+      views = photo_views.photo_views()
+      return views, views
     raise ValueError(f"config.data.name={name!r} is invalid for image_classification: valid "
-                     "values are 'mnist', 'fashion_mnist', 'imagenet', 'imagenet_samples'")
+                     "values are 'mnist', 'fashion_mnist', 'imagenet', 'imagenet_samples', "
+                     "'photo_views'")
 
   def transform(self, train: bool):
     if self.config.model.name.startswith('efficientnet_'):  # its eval preprocessing, always
       variant = efficientnet.VARIANTS[self.config.model.name.removeprefix('efficientnet_')]
+      if self.config.data.name == 'photo_views':
+        return photo_views.ViewTransform(variant.image_size)
       return imagenet_samples.LiteEvalTransform(variant.image_size)
     if self.config.data.name in ('imagenet', 'imagenet_samples'):
       return images.imagenet_transform(train)

@@ -50,15 +50,34 @@ def preprocess(image: np.ndarray, size: int = 224) -> np.ndarray:
   the central square of side int(size / (size + 32) * short side) (offsets rounded up), resized
   bicubically to size x size (PIL's bicubic, where TF has its own), then (x - 127) / 128.
   uint8 (H, W, 3) -> float32 (size, size, 3)."""
+  image = _check(image)
+  height, width = image.shape[:2]
+  crop = int(size / (size + CROP_PADDING) * min(height, width))
+  return square_view(image, (height - crop + 1) // 2, (width - crop + 1) // 2, crop, size)
+
+
+def square_view(image: np.ndarray, top: int, left: int, side: int, size: int,
+                flip: bool = False) -> np.ndarray:
+  """The square image[top:top + side, left:left + side], mirrored left to right if `flip`,
+  resized bicubically (PIL) to size x size and normalized as the Lite models take it,
+  (x - 127) / 128. uint8 (H, W, 3) -> float32 (size, size, 3)."""
+  image = _check(image)
+  height, width = image.shape[:2]
+  if not (side >= 1 and 0 <= top <= height - side and 0 <= left <= width - side):
+    raise ValueError(f'square_view: the square top={top}, left={left}, side={side} is not '
+                     f'inside the {height} x {width} image')
+  square = Image.fromarray(image[top:top + side, left:left + side])
+  if flip:
+    square = square.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  resized = np.asarray(square.resize((size, size), Image.BICUBIC), np.float32)
+  return (resized - LITE_MEAN) / LITE_STD
+
+
+def _check(image) -> np.ndarray:
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'image must be uint8 (H, W, 3), got {image.dtype} {image.shape}')
-  height, width = image.shape[:2]
-  crop = int(size / (size + CROP_PADDING) * min(height, width))
-  top, left = (height - crop + 1) // 2, (width - crop + 1) // 2
-  square = Image.fromarray(image[top:top + crop, left:left + crop])
-  resized = np.asarray(square.resize((size, size), Image.BICUBIC), np.float32)
-  return (resized - LITE_MEAN) / LITE_STD
+  return image
 
 
 @dataclasses.dataclass(frozen=True)
