@@ -301,7 +301,7 @@ def test_integer_operands_are_exact_or_refused():
 
 
 SHARDED_CHECK = '''
-import jax, numpy as np, lowacc
+import jax, numpy as np, lowacc, lowacc.kernels.native
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 mesh = jax.make_mesh((2,), ('d',), axis_types=(AxisType.Auto,))
 explicit = jax.make_mesh((2,), ('d',), axis_types=(AxisType.Explicit,))
@@ -318,6 +318,14 @@ for cfg in (lowacc.PAPER_M7E4, lowacc.PAPER_M7E4.replace(order='chunk', product=
   with jax.set_mesh(explicit):
     xs = jax.device_put(x, NamedSharding(explicit, P('d')))
     runs['explicit'] = (jax.jit(dot)(xs, w), *jax.jit(jax.grad(loss(dot), (0, 1)))(xs, w))
+  # Automatic partitioning (a data-parallel run): each device's kernel call takes its own rows
+  # of x, none gathers them.
+  xa = jax.device_put(x, NamedSharding(mesh, P('d')))
+  runs['auto'] = (jax.jit(dot)(xa, w), *jax.jit(jax.grad(loss(dot), (0, 1)))(xa, w))
+  if lowacc.kernels.native.supports(cfg) and cfg.ste == "identity":
+    hlo = jax.jit(dot).lower(xa, w).compile().as_text()
+    calls = [l for l in hlo.splitlines() if 'custom_call_target="lowacc_chunk_dot"' in l]
+    assert len(calls) == 1 and 'f32[1,2,20]' in calls[0] and 'all-gather' not in hlo, hlo
   for name, got in runs.items():
     for g, e in zip(got, want):
       assert np.array_equal(np.asarray(g).view(np.uint32), np.asarray(e).view(np.uint32)), name
@@ -325,7 +333,7 @@ print('ok')
 '''
 
 
-def test_shard_map_with_check_vma_and_explicit_axes():
+def test_shard_map_explicit_and_automatic_partitioning():
   # Two host devices need XLA_FLAGS before jax starts: a subprocess.
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   out = subprocess.run([sys.executable, '-c', SHARDED_CHECK], env=env, capture_output=True,

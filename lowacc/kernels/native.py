@@ -24,6 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
 
 from lowacc.formats import AccumulatorConfig, FloatFormat
 from lowacc.quantize import limit_bits
@@ -176,18 +177,59 @@ def dot(x, w, cfg: AccumulatorConfig):
   return _batched_call(cfg)(jax.lax.stop_gradient(x), jax.lax.stop_gradient(w))
 
 
+def _kernel(cfg: AccumulatorConfig, x, w):
+  """The FFI call on x (B, M, K), w (B, K, N) as given (on one device)."""
+  b, m, k = x.shape
+  chunk = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
+  ffi = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, m, w.shape[2]), jnp.float32))
+  comb = cfg.combine_format
+  return ffi(x, w, chunk=np.int64(max(chunk, 1)), order=np.int64(_ORDERS[cfg.order]),
+             acc=_fields(cfg.acc), product=_fields(cfg.product), combine=_fields(comb),
+             exact_step=np.int64(exact_sum(cfg.acc, cfg.product)),
+             exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)))
+
+
+def _axes(spec, i: int) -> tuple:
+  """The mesh axes that shard dimension i of a PartitionSpec (none past its end)."""
+  entry = spec[i] if i < len(spec) else None
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _split(mesh, arg_shapes):
+  """Shardings of x, w and y where every device computes its own block of y: B and M as x is
+  split, N as w is (unless those axes already split B or M); K whole on every device, since the
+  chain runs over all of it in order."""
+  x_spec, w_spec = (a.sharding.spec for a in arg_shapes)
+  b, m = _axes(x_spec, 0), _axes(x_spec, 1)
+  n = tuple(a for a in _axes(w_spec, 2) if a not in b + m)
+  spec = lambda *dims: jax.sharding.PartitionSpec(*(d or None for d in dims))
+  named = lambda *dims: jax.sharding.NamedSharding(mesh, spec(*dims))
+  return named(b, m, ()), named(b, (), n), named(b, m, n)
+
+
+@functools.cache
+def _partitioned(cfg: AccumulatorConfig):
+  """The kernel as one block per device under jit's automatic partitioning (a data-parallel
+  run), instead of XLA's default for an opaque call: gather every operand and compute all of y on
+  every device."""
+  call = custom_partitioning(functools.partial(_kernel, cfg))
+
+  def partition(mesh, arg_shapes, result_shape):
+    x, w, y = _split(mesh, arg_shapes)
+    return mesh, functools.partial(_kernel, cfg), y, (x, w)
+
+  call.def_partition(partition, infer_sharding_from_operands=lambda mesh, args, _: _split(
+      mesh, args)[2], sharding_rule='b m k, b k n -> b m n', need_replication_factors=('k',))
+  return call
+
+
 @functools.cache
 def _batched_call(cfg: AccumulatorConfig):
   @jax.custom_batching.custom_vmap
   def call(x, w):
-    b, m, k = x.shape
-    chunk = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
-    ffi = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, m, w.shape[2]), jnp.float32))
-    comb = cfg.combine_format
-    return ffi(x, w, chunk=np.int64(max(chunk, 1)), order=np.int64(_ORDERS[cfg.order]),
-               acc=_fields(cfg.acc), product=_fields(cfg.product), combine=_fields(comb),
-               exact_step=np.int64(exact_sum(cfg.acc, cfg.product)),
-               exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)))
+    if jax.device_count() == 1:
+      return _kernel(cfg, x, w)
+    return _partitioned(cfg)(x, w)
 
   @call.def_vmap
   def fold_batch(axis_size, in_batched, x, w):
