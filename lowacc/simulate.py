@@ -4,8 +4,9 @@
 the jaxpr with each `dot_general` / `conv_general_dilated` equation replaced by lowacc's under the
 config the policy gives its site; every other equation is bound as it is. The evaluation recurses
 into jit, scan, while, cond, checkpoint, custom_jvp and custom_vjp (whose custom rules still give
-the gradients: the primal is simulated, the tangent or cotangent is the user's rule). GEMMs inside
-any other higher-order primitive (shard_map, pallas_call, ...) stay float32 and are reported so.
+the gradients: the primal is simulated, the tangent or cotangent is the user's rule) and
+shard_map (check_vma on or off; its sites are per shard, with per-shard shapes). GEMMs inside any
+other higher-order primitive (pallas_call, ...) stay float32 and are reported so.
 A GEMM whose result is bfloat16 or float16 (a bf16 layer) is simulated on its operands as given
 and its result cast to that dtype, as the equation's own result would be.
 
@@ -683,12 +684,19 @@ def simulate(fn: Callable, policy: Policy, stats: bool = False) -> Callable:
   The returned function takes fn's arguments, and `key=` (a jax PRNG key) where a site rounds
   stochastically: site i of `coverage`'s list rounds with `jax.random.fold_in(key, i)`, folded
   further with the iteration counter (0, 1, ... in execution order) of each enclosing scan or
-  while loop, outermost first (so fn cannot take an argument named key itself). It returns fn's
-  outputs, or (outputs, stats) with stats=True: path -> steps, sat, lost, flush (summed over the
-  site's calls, e.g. scan iterations), max_abs_error (the largest), rel_error (the mean) and
-  calls, each as `lowacc.accumulation_stats` counts that GEMM, computed in the traced computation
-  (so under jit and vmap too) from the same run of the chain as the output
-  (`lowacc.dot_general(..., stats=True)`). Warns once about sites that no rule matched.
+  while loop, outermost first (so fn cannot take an argument named key itself). Inside shard_map
+  the key enters replicated: every shard rounds with the same site key, so the rounding noise is
+  correlated across shards (as when the key is wired by hand). It returns fn's outputs, or
+  (outputs, stats) with stats=True: path -> steps, sat, lost, flush (summed over the site's calls,
+  e.g. scan iterations), max_abs_error (the largest), rel_error (the mean) and calls, each as
+  `lowacc.accumulation_stats` counts that GEMM, computed in the traced computation (so under jit
+  and vmap too) from the same run of the chain as the output (`lowacc.dot_general(...,
+  stats=True)`). A GEMM inside shard_map is counted as the whole GEMM its shards make up: summed
+  over the mesh axes its operands vary over (once over those they are replicated on; under
+  check_vma=False these axes are found from in_specs and the body's collectives), calls those of
+  the program (not per shard), max_abs_error the largest and rel_error the mean over the shards
+  (the whole GEMM's |err|/|ref| when the shards' |ref| are equal). Warns once about sites that no
+  rule matched.
   """
   warned = set()
 
