@@ -465,10 +465,11 @@ def test_resnet_equals_apply_policy_forward_and_gradients(rng):
 # ------------------------------------------------------------------ shard_map
 
 SHARD_MAP_CHECK = '''
+import re
 import jax, jax.numpy as jnp, numpy as np, lowacc
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec as P
-from lowacc.policy import Policy
+from lowacc.policy import Policy, Rule
 from lowacc.simulate import coverage, simulate
 from tests.conftest import assert_bits_equal
 from tests.test_simulate import DN, NARROW, STOCHASTIC
@@ -496,14 +497,15 @@ def plain(key, a, b, site, *loops):
   return a @ b
 
 
-def wired(cfg):
-  """lowacc.dot_general by hand, with the key simulate gives the site (and loop iteration)."""
+def wired(configs):
+  """lowacc.dot_general by hand, site i under configs[i] with the key simulate gives it (and its
+  loop iteration)."""
   def dot(key, a, b, site, *loops):
     if key is not None:
       key = jax.random.fold_in(key, site)
       for i in loops:
         key = jax.random.fold_in(key, i)
-    return lowacc.dot_general(a, b, DN, cfg, key=key)
+    return lowacc.dot_general(a, b, DN, configs[site], key=key)
   return dot
 
 
@@ -513,7 +515,7 @@ def forward_and_grads(f, key):
 
 
 # Each site's counters, of the whole GEMMs and of each shard's (rows 0-3, 4-7 of x).
-dot = wired(NARROW)
+dot = wired([NARROW] * 4)
 def calls_of(x1):
   h, g = jnp.tanh(dot(None, x1, w, 1)), dot(None, v, w, 2) / 2
   out = [[lowacc.accumulation_stats(x1, w, DN, NARROW)],
@@ -533,20 +535,26 @@ for check_vma in (True, False):
   assert [c.site.lhs_shape for c in sites] == [(8, 16), (4, 16), (4, 16), (4, 4)], sites
   assert [c.status for c in sites] == ['simulated'] * 4, sites
   paths = [c.site.path for c in sites]
-  configs = [(NARROW, None)] + [(STOCHASTIC.replace(ste='recursive_both'), key)] * check_vma
-  for cfg, k in configs:  # forward and gradients, under jit
-    counted = simulate(fn, Policy.everywhere(cfg), stats=True)
+  # Forward and gradients under jit: identity everywhere; then (with check_vma, to keep it
+  # short) stochastic rounding at sites 1 and 3 (the key enters the shard_map) and a recursive
+  # estimator at sites 0 and 2.
+  mixed = [NARROW.replace(ste='recursive_both'), STOCHASTIC] * 2
+  policy = Policy(tuple(Rule(f'^{re.escape(p)}$', c) for p, c in zip(paths, mixed)))
+  for configs, policy, k in [([NARROW] * 4, Policy.everywhere(NARROW), None)] + [
+      (mixed, policy, key)] * check_vma:
+    counted = simulate(fn, policy, stats=True)
     got = forward_and_grads(lambda x, w, key: counted(x, w, key=key)[0], k)
-    want = forward_and_grads(model(wired(cfg), check_vma), k)
+    want = forward_and_grads(model(wired(configs), check_vma), k)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      assert_bits_equal(g, e, f'check_vma={check_vma}, {cfg}')
+      assert_bits_equal(g, e, f'check_vma={check_vma}, {configs}')
   # Counters: steps, sat, lost, flush and calls those of the whole GEMMs (site 2's counted once,
   # not on each shard), under jit and eagerly.
   counted = simulate(fn, Policy.everywhere(NARROW), stats=True)
   runs = {'jit': jax.jit(counted)(x, w)[1]}
   if check_vma:  # (eagerly once: op by op on each shard is slow)
     y, runs['eager'] = counted(x, w)
-    assert_bits_equal(y, forward_and_grads(model(wired(NARROW), check_vma), None)[0], 'eager')
+    assert_bits_equal(y, forward_and_grads(model(wired([NARROW] * 4), check_vma), None)[0],
+                      'eager')
   for run, stats in runs.items():
     for name in ('steps', 'sat', 'lost', 'flush', 'calls'):
       assert int(stats[paths[0]][name]) == int(first.get(name, 1)), (run, name)
