@@ -338,7 +338,12 @@ def _sharded(*arrays) -> bool:
 
 def _varying(v) -> frozenset:
   """The shard_map axes v varies over (none outside shard_map)."""
-  aval = jax.typeof(v)
+  return varying_axes(jax.typeof(v))
+
+
+def varying_axes(aval) -> frozenset:
+  """The shard_map axes a value of type `aval` varies over (none outside shard_map, and none
+  typed under check_vma=False)."""
   manual = getattr(aval, 'manual_axis_type', None)  # jax >= 0.10; `vma` before
   return frozenset(manual.varying if manual is not None else getattr(aval, 'vma', ()))
 

@@ -4,8 +4,9 @@
 the jaxpr with each `dot_general` / `conv_general_dilated` equation replaced by lowacc's under the
 config the policy gives its site; every other equation is bound as it is. The evaluation recurses
 into jit, scan, while, cond, checkpoint, custom_jvp and custom_vjp (whose custom rules still give
-the gradients: the primal is simulated, the tangent or cotangent is the user's rule). GEMMs inside
-any other higher-order primitive (shard_map, pallas_call, ...) stay float32 and are reported so.
+the gradients: the primal is simulated, the tangent or cotangent is the user's rule) and
+shard_map (check_vma on or off; its sites are per shard, with per-shard shapes). GEMMs inside any
+other higher-order primitive (pallas_call, ...) stay float32 and are reported so.
 A GEMM whose result is bfloat16 or float16 (a bf16 layer) is simulated on its operands as given
 and its result cast to that dtype, as the equation's own result would be.
 
@@ -36,9 +37,10 @@ import numpy as np
 from jax import lax
 from jax._src import source_info_util
 from jax.extend import core
+from jax.sharding import PartitionSpec as P
 
 from lowacc.conv import conv_general_dilated
-from lowacc.dot import dot_general
+from lowacc.dot import dot_general, varying_axes
 from lowacc.formats import DotConfig
 from lowacc.policy import Config, Policy, Site, simulated
 from lowacc.quantize import check_key
@@ -47,7 +49,11 @@ __all__ = ['Coverage', 'coverage', 'simulate']
 
 _GEMMS = {'dot_general': 'dot', 'conv_general_dilated': 'conv'}
 _CALLS = ('jit', 'call', 'closed_call', 'remat2', 'custom_jvp_call', 'custom_vjp_call')
-_SUPPORTED = _CALLS + ('scan', 'while', 'cond')
+_SUPPORTED = _CALLS + ('scan', 'while', 'cond', 'shard_map')
+# Collectives whose result is the same on every shard of their axes, and those whose result
+# differs across them whatever their operand (for the typing of a body under check_vma=False).
+_REPLICATING = ('psum', 'psum_invariant', 'pmax', 'pmin', 'all_gather', 'all_gather_invariant')
+_SPLITTING = ('axis_index', 'reduce_scatter', 'pvary')
 _NNX_MARK = '\x00nnx:'  # prefixes the scope that names an NNX module's path
 
 
@@ -181,24 +187,60 @@ class _Found:
   lhs_shape: tuple
   rhs_shape: tuple
   contraction: int
+  axes: frozenset  # the shard_map axes its operands vary over (its shards differ over)
   inside: Optional[str]  # why it cannot be simulated, if it cannot
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dep:
+  """What a value depends on: parameters and constants only (`param`), and the shard_map axes
+  it varies over (`axes`)."""
+  param: bool
+  axes: frozenset = frozenset()
+
+
+def _join(deps) -> _Dep:
+  """A value computed from values with these deps."""
+  deps = list(deps)
+  return _Dep(all(d.param for d in deps), frozenset().union(*(d.axes for d in deps)))
+
+
+def _spec_axes(spec) -> frozenset:
+  """The mesh axes a PartitionSpec splits an array over."""
+  return frozenset(n for part in spec for n in (part if isinstance(part, tuple) else (part,))
+                   if n is not None)
+
+
+def _collective_axes(eqn, ins) -> frozenset:
+  """The axes a collective's result varies over, from those its operands do (check_vma=False,
+  where the jaxpr's types do not say)."""
+  p = eqn.params
+  named = p.get('axes', p.get('axis_name', ()))
+  named = frozenset(a for a in (named if isinstance(named, tuple) else (named,))
+                    if not isinstance(a, int))  # (ints name positional axes, not mesh axes)
+  axes = _join(ins).axes
+  if eqn.primitive.name in _REPLICATING:
+    return axes - named
+  return axes | named if eqn.primitive.name in _SPLITTING else axes
+
+
 class _Analysis:
-  """Finds every GEMM site of a jaxpr, recursively, with its scope path and role."""
+  """Finds every GEMM site of a jaxpr, recursively, with its scope path, role and the shard_map
+  axes it is split over."""
 
   def __init__(self):
     self.found: dict[tuple, _Found] = {}  # key -> site, in trace order
     self.holds: dict[tuple, set] = {}     # key of a higher-order eqn -> keys of the sites inside
+    self.typed = False  # inside a shard_map with check_vma=True: the avals say what varies
 
-  def run(self, jaxpr, flags, prefix=(), inside=None, where=()) -> list[bool]:
-    """flags: per invar, whether it depends on parameters and constants only. -> out flags.
+  def run(self, jaxpr, flags, prefix=(), inside=None, where=()) -> list[_Dep]:
+    """flags: per invar, its _Dep. -> the outvars' _Deps.
     where: the key of the jaxpr's place (a jaxpr, e.g. a jitted helper's, can occur twice)."""
     env = {v: f for v, f in zip(jaxpr.invars, flags)}
-    env.update({v: True for v in jaxpr.constvars})
+    env.update({v: _Dep(True, varying_axes(v.aval)) for v in jaxpr.constvars})
 
     def read(a):
-      return True if isinstance(a, core.Literal) else env[a]
+      return _Dep(True) if isinstance(a, core.Literal) else env[a]
 
     for eqn in jaxpr.eqns:
       ins = [read(a) for a in eqn.invars]
@@ -207,14 +249,16 @@ class _Analysis:
       key = where + (id(eqn),)
       if name in _GEMMS:
         self._gemm(key, eqn, scope, ins, inside)
-        outs = [all(ins)]
+        outs = [_join(ins)]
       elif _sub_jaxprs(eqn):
         before = set(self.found)
         outs = self._nested(key, eqn, ins, scope, inside)
         # (a union: a loop body is analysed again until its carry's flags settle)
         self.holds[key] = self.holds.get(key, set()) | (set(self.found) - before)
       else:
-        outs = [all(ins)] * len(eqn.outvars)
+        outs = [_Dep(_join(ins).param, _collective_axes(eqn, ins))] * len(eqn.outvars)
+      if self.typed:
+        outs = [_Dep(f.param, varying_axes(v.aval)) for v, f in zip(eqn.outvars, outs)]
       for v, f in zip(eqn.outvars, outs):
         env[v] = f
     return [read(a) for a in jaxpr.outvars]
@@ -232,9 +276,9 @@ class _Analysis:
       k = math.prod(rhs[d] for d in rhs_spec[1:])
       if eqn.params['batch_group_count'] != 1:
         inside = inside or 'batch_group_count > 1: not supported'
-    role = 'weight' if any(ins) else 'activation'
+    role = 'weight' if any(d.param for d in ins) else 'activation'
     self.found[key] = _Found(eqn, scope, role, _GEMMS[eqn.primitive.name], lhs, rhs, k,
-                                 inside)
+                             _join(ins).axes, inside)
 
   def _nested(self, key, eqn, ins, scope, inside):
     name, p = eqn.primitive.name, eqn.params
@@ -243,19 +287,28 @@ class _Analysis:
     if inside is not None or name in _CALLS:
       outs = None
       for i, (jaxpr, _) in enumerate(_sub_jaxprs(eqn)):
-        sub_ins = ins if inside is None else [False] * len(jaxpr.invars)
+        sub_ins = ins if inside is None else [_Dep(False, _join(ins).axes)] * len(jaxpr.invars)
         outs = self.run(jaxpr, sub_ins, scope, inside, key + (i,))
-      return outs if inside is None else [False] * len(eqn.outvars)
+      return outs if inside is None else [_Dep(False, _join(ins).axes)] * len(eqn.outvars)
+    if name == 'shard_map':
+      sub_ins = [_Dep(d.param, d.axes | _spec_axes(s)) for d, s in zip(ins, p['in_specs'])]
+      typed, self.typed = self.typed, p['check_vma']
+      try:
+        outs = self.run(p['jaxpr'], sub_ins, scope, where=key + (0,))
+      finally:
+        self.typed = typed
+      return [_Dep(d.param, d.axes - p['newly_manual_axes']) for d in outs]
     if name == 'cond':
       outs = [self.run(b.jaxpr, ins[1:], scope, where=key + (i,))
               for i, b in enumerate(p['branches'])]
-      return [all(fs) for fs in zip(*outs)]
+      index = _Dep(True, ins[0].axes)  # the branch taken varies where the index does
+      return [_join(fs + (index,)) for fs in zip(*outs)]
     if name == 'scan':
       nc, ncarry = p['num_consts'], p['num_carry']
       consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
       while True:  # the carry depends on parameters only if it does on every iteration
         outs = self.run(p['jaxpr'].jaxpr, consts + carry + xs, scope, where=key + (0,))
-        new = [c and o for c, o in zip(carry, outs[:ncarry])]
+        new = [_join((c, o)) for c, o in zip(carry, outs[:ncarry])]
         if new == carry:
           return outs
         carry = new
@@ -266,7 +319,7 @@ class _Analysis:
       self.run(p['cond_jaxpr'].jaxpr, ins[:cn] + carry, scope,
                "inside a while loop's condition: not supported", key + (0,))
       outs = self.run(p['body_jaxpr'].jaxpr, ins[cn:cn + bn] + carry, scope, where=key + (1,))
-      new = [c and o for c, o in zip(carry, outs)]
+      new = [_join((c, o)) for c, o in zip(carry, outs)]
       if new == carry:
         return carry
       carry = new
@@ -279,11 +332,12 @@ def _frame_name(eqn) -> str:
 
 def _sites(closed, params, policy: Policy):
   """The sites by key (the ids of the equations and sub-jaxpr indices leading to one), in trace
-  order, and the keys of the sites inside each higher-order equation."""
+  order, the keys of the sites inside each higher-order equation, and path -> the shard_map axes
+  the site's operands vary over."""
   analysis = _Analysis()
-  analysis.run(closed.jaxpr, params)
+  analysis.run(closed.jaxpr, [_Dep(p) for p in params])
   seen: dict[str, int] = {}
-  table = {}
+  table, axes = {}, {}
   for key, f in analysis.found.items():
     base = '/'.join(f.scope) if f.scope else _frame_name(f.site_eqn)
     seen[base] = seen.get(base, 0) + 1
@@ -298,7 +352,8 @@ def _sites(closed, params, policy: Policy):
     else:
       status = 'simulated' if simulated(config) else 'float32 (rule)'
     table[key] = Coverage(site, config if status == 'simulated' else None, status)
-  return table, analysis.holds
+    axes[path] = f.axes
+  return table, analysis.holds, axes
 
 
 # ------------------------------------------------------------------------------------ counters
@@ -339,6 +394,28 @@ def _merge(a: dict, b: dict) -> dict:
   return out
 
 
+def _vary(tree, axes):
+  """Each array of tree typed as varying over `axes` too (inside shard_map with check_vma=True;
+  a no-op under check_vma=False)."""
+  def vary(value):
+    missing = tuple(sorted(axes - varying_axes(jax.typeof(value)), key=str))
+    return lax.pcast(value, missing, to='varying') if missing else value
+  return jax.tree.map(vary, tree)
+
+
+def _across(stats: dict, axes) -> dict:
+  """A site's counters on each shard -> those of the GEMM split over the shard_map axes `axes`
+  (the axes its operands vary over; over the others every shard computes the same GEMM, counted
+  once): steps, sat, lost, flush summed, max_abs_error the largest, calls the most any shard
+  made, rel_error the shards' mean (the whole GEMM's |err|/|ref| is that when the shards' |ref|
+  are equal)."""
+  if not axes:
+    return stats
+  reduce = {'max_abs_error': lax.pmax, 'calls': lax.pmax, 'rel_error': lax.pmean}
+  stats = _vary(stats, frozenset(axes))
+  return {k: reduce.get(k, lax.psum)(v, tuple(axes)) for k, v in stats.items()}
+
+
 def _final(stats: dict) -> dict:
   return {path: dict(s, rel_error=s['rel_error'] / jnp.maximum(s['calls'], 1))
           for path, s in stats.items()}
@@ -370,16 +447,19 @@ class _Interpreter:
   the enclosing loops). It is passed as an argument through every higher-order primitive (rather
   than closed over), because JAX may trace a custom rule later, outside the enclosing trace."""
 
-  def __init__(self, table, holds, stats: bool):
-    self.table, self.holds, self.stats = table, holds, stats
+  def __init__(self, table, holds, axes, stats: bool):
+    self.table, self.holds, self.axes, self.stats = table, holds, axes, stats
     self.index = {key: i for i, key in enumerate(table)}  # a site's place in coverage's list
+    self.typed = frozenset()  # the axes of the enclosing shard_maps with check_vma=True
 
   def counted_inside(self, key) -> dict:
-    """Zero counters for every counted site inside a higher-order equation."""
+    """Zero counters for every counted site inside a higher-order equation, typed as varying
+    where the site's counters do (as a loop's carry or a branch's result must be)."""
     if not self.stats:
       return {}
-    return {self.table[k].site.path: _zero() for k in self.holds[key]
-            if self.table[k].status == 'simulated' and _counted(self.table[k].config)}
+    return {c.site.path: _vary(_zero(), self.axes[c.site.path] & self.typed)
+            for c in (self.table[k] for k in self.holds[key])
+            if c.status == 'simulated' and _counted(c.config)}
 
   def run(self, jaxpr, consts, args, rng, where=()):
     env = {}
@@ -449,6 +529,30 @@ class _Interpreter:
     fn = jax.checkpoint(self.closed(core.ClosedJaxpr(p['jaxpr'], ()), key + (0,)),
                         prevent_cse=p['prevent_cse'], policy=p['policy'])
     return fn(rng, *ins)
+
+  def _shard_map(self, key, eqn, ins, rng):
+    """The body simulated on each shard; the key enters replicated (every shard rounds with the
+    same site key) and the counters leave summed over the shards (`_across`)."""
+    p = eqn.params
+    mesh, manual = p['mesh'], frozenset(p['newly_manual_axes'])
+    body = self.closed(core.ClosedJaxpr(p['jaxpr'], ()), key + (0,))
+
+    def shard(rng, *args):
+      outs, st = body(rng, *args)
+      return tuple(outs), {path: _across(s, [a for a in mesh.axis_names
+                                              if a in self.axes[path] & manual])
+                           for path, s in st.items()}
+
+    typed = self.typed
+    self.typed = typed | manual if p['check_vma'] else typed
+    try:
+      outs, st = jax.shard_map(shard, mesh=mesh, in_specs=(P(), *p['in_specs']),
+                               out_specs=(tuple(p['out_specs']), P()),
+                               axis_names=manual | frozenset(mesh.manual_axes),
+                               check_vma=p['check_vma'])(rng, *ins)
+    finally:
+      self.typed = typed
+    return list(outs), st
 
   def _cond(self, key, eqn, ins, rng):
     zero = self.counted_inside(key)
@@ -580,19 +684,26 @@ def simulate(fn: Callable, policy: Policy, stats: bool = False) -> Callable:
   The returned function takes fn's arguments, and `key=` (a jax PRNG key) where a site rounds
   stochastically: site i of `coverage`'s list rounds with `jax.random.fold_in(key, i)`, folded
   further with the iteration counter (0, 1, ... in execution order) of each enclosing scan or
-  while loop, outermost first (so fn cannot take an argument named key itself). It returns fn's
-  outputs, or (outputs, stats) with stats=True: path -> steps, sat, lost, flush (summed over the
-  site's calls, e.g. scan iterations), max_abs_error (the largest), rel_error (the mean) and
-  calls, each as `lowacc.accumulation_stats` counts that GEMM, computed in the traced computation
-  (so under jit and vmap too) from the same run of the chain as the output
-  (`lowacc.dot_general(..., stats=True)`). Warns once about sites that no rule matched.
+  while loop, outermost first (so fn cannot take an argument named key itself). Inside shard_map
+  the key enters replicated: every shard rounds with the same site key, so the rounding noise is
+  correlated across shards (as when the key is wired by hand). It returns fn's outputs, or
+  (outputs, stats) with stats=True: path -> steps, sat, lost, flush (summed over the site's calls,
+  e.g. scan iterations), max_abs_error (the largest), rel_error (the mean) and calls, each as
+  `lowacc.accumulation_stats` counts that GEMM, computed in the traced computation (so under jit
+  and vmap too) from the same run of the chain as the output (`lowacc.dot_general(...,
+  stats=True)`). A GEMM inside shard_map is counted as the whole GEMM its shards make up: summed
+  over the mesh axes its operands vary over (once over those they are replicated on; under
+  check_vma=False these axes are found from in_specs and the body's collectives), calls those of
+  the program (not per shard), max_abs_error the largest and rel_error the mean over the shards
+  (the whole GEMM's |err|/|ref| when the shards' |ref| are equal). Warns once about sites that no
+  rule matched.
   """
   warned = set()
 
   @functools.wraps(fn)
   def simulated_fn(*args, key=None, **kwargs):
     closed, out_tree, leaves, params = _trace(fn, args, kwargs)
-    table, holds = _sites(closed, params, policy)
+    table, holds, axes = _sites(closed, params, policy)
     rng = _rng(table, key)
     unmatched = [c.site.path for c in table.values()
                  if c.status.startswith('float32') and c.status != 'float32 (rule)']
@@ -600,7 +711,8 @@ def simulate(fn: Callable, policy: Policy, stats: bool = False) -> Callable:
       warned.update(unmatched)
       warnings.warn(f'lowacc.simulate: {len(unmatched)} of {len(table)} GEMM sites stay float32 '
                     f'by no explicit rule: {", ".join(unmatched)}', stacklevel=2)
-    outs, st = _Interpreter(table, holds, stats).run(closed.jaxpr, closed.consts, leaves, rng)
+    outs, st = _Interpreter(table, holds, axes, stats).run(closed.jaxpr, closed.consts, leaves,
+                                                            rng)
     out = jax.tree.unflatten(out_tree, outs)
     return (out, _final(st)) if stats else out
 

@@ -1,6 +1,9 @@
 """lowacc.simulate on code lowacc did not write: every GEMM found, simulated, counted and named."""
 
+import os
 import re
+import subprocess
+import sys
 import warnings
 
 import flax.linen as linen
@@ -457,3 +460,126 @@ def test_resnet_equals_apply_policy_forward_and_gradients(rng):
     want = jax.jit(jax.grad(loss_wired, (0, 1)))(state, x)
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert_bits_equal(g, e, f'gradient, {ste}')
+
+
+# ------------------------------------------------------------------ shard_map
+
+SHARD_MAP_CHECK = '''
+import re
+import jax, jax.numpy as jnp, numpy as np, lowacc
+from jax import lax
+from jax.sharding import AxisType, PartitionSpec as P
+from lowacc.policy import Policy, Rule
+from lowacc.simulate import coverage, simulate
+from tests.conftest import assert_bits_equal
+from tests.test_simulate import DN, NARROW, STOCHASTIC
+mesh = jax.make_mesh((2,), ('d',), axis_types=(AxisType.Auto,))
+rng = np.random.default_rng(0)
+x, u = 4 * rng.standard_normal((8, 16), np.float32), rng.standard_normal((16, 16), np.float32)
+w, v = rng.standard_normal((16, 4), np.float32), rng.standard_normal((4, 16), np.float32)
+
+
+def model(dot, check_vma):
+  """Site 0 outside the shard_map; inside, site 1 split over x's rows, site 2 on replicated
+  operands only, site 3 in a scan (split)."""
+  def body(key, x, w):
+    h = jnp.tanh(dot(key, x, w, 1))
+    g = dot(key, v, w, 2) / 2
+    return lax.scan(lambda c, i: (jnp.tanh(dot(key, c, g, 3, i)), None), h, jnp.arange(2))[0]
+
+  def fn(x, w, key=None):
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P('d'), P()), out_specs=P('d'),
+                         check_vma=check_vma)(key, dot(key, x, u, 0), w)
+  return fn
+
+
+def plain(key, a, b, site, *loops):
+  return a @ b
+
+
+def wired(configs):
+  """lowacc.dot_general by hand, site i under configs[i] with the key simulate gives it (and its
+  loop iteration)."""
+  def dot(key, a, b, site, *loops):
+    if key is not None:
+      key = jax.random.fold_in(key, site)
+      for i in loops:
+        key = jax.random.fold_in(key, i)
+    return lowacc.dot_general(a, b, DN, configs[site], key=key)
+  return dot
+
+
+def forward_and_grads(f, key):
+  loss = lambda x, w: jnp.sum(f(x, w, key=key) ** 2)
+  return jax.jit(lambda x, w: (f(x, w, key=key), jax.grad(loss, (0, 1))(x, w)))(x, w)
+
+
+# Each site's counters, of the whole GEMMs and of each shard's (rows 0-3, 4-7 of x).
+dot = wired([NARROW] * 4)
+def calls_of(x1):
+  h, g = jnp.tanh(dot(None, x1, w, 1)), dot(None, v, w, 2) / 2
+  out = [[lowacc.accumulation_stats(x1, w, DN, NARROW)],
+         [lowacc.accumulation_stats(v, w, DN, NARROW)], []]
+  for i in range(2):
+    out[2].append(lowacc.accumulation_stats(h, g, DN, NARROW))
+    h = jnp.tanh(dot(None, h, g, 3))
+  return out
+x1 = dot(None, x, u, 0)
+first, whole, shards = (lowacc.accumulation_stats(x, u, DN, NARROW), calls_of(x1),
+                        (calls_of(x1[:4]), calls_of(x1[4:])))
+key = jax.random.key(3)
+for check_vma in (True, False):
+  fn = model(plain, check_vma)
+  sites = coverage(fn, Policy.everywhere(NARROW), x, w)
+  # Per-shard shapes inside the shard_map.
+  assert [c.site.lhs_shape for c in sites] == [(8, 16), (4, 16), (4, 16), (4, 4)], sites
+  assert [c.status for c in sites] == ['simulated'] * 4, sites
+  paths = [c.site.path for c in sites]
+  # Forward and gradients under jit: identity everywhere; then (with check_vma, to keep it
+  # short) stochastic rounding at sites 1 and 3 (the key enters the shard_map) and a recursive
+  # estimator at sites 0 and 2.
+  mixed = [NARROW.replace(ste='recursive_both'), STOCHASTIC] * 2
+  policy = Policy(tuple(Rule(f'^{re.escape(p)}$', c) for p, c in zip(paths, mixed)))
+  for configs, policy, k in [([NARROW] * 4, Policy.everywhere(NARROW), None)] + [
+      (mixed, policy, key)] * check_vma:
+    counted = simulate(fn, policy, stats=True)
+    got = forward_and_grads(lambda x, w, key: counted(x, w, key=key)[0], k)
+    want = forward_and_grads(model(wired(configs), check_vma), k)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert_bits_equal(g, e, f'check_vma={check_vma}, {configs}')
+  # Counters: steps, sat, lost, flush and calls those of the whole GEMMs (site 2's counted once,
+  # not on each shard), under jit and eagerly.
+  counted = simulate(fn, Policy.everywhere(NARROW), stats=True)
+  runs = {'jit': jax.jit(counted)(x, w)[1]}
+  if check_vma:  # (eagerly once: op by op on each shard is slow)
+    y, runs['eager'] = counted(x, w)
+    assert_bits_equal(y, forward_and_grads(model(wired([NARROW] * 4), check_vma), None)[0],
+                      'eager')
+  for run, stats in runs.items():
+    for name in ('steps', 'sat', 'lost', 'flush', 'calls'):
+      assert int(stats[paths[0]][name]) == int(first.get(name, 1)), (run, name)
+      for p, calls in zip(paths[1:], whole):
+        want = len(calls) if name == 'calls' else sum(int(c[name]) for c in calls)
+        assert int(stats[p][name]) == want, (run, p, name)
+    assert int(stats[paths[1]]['sat']) > 0
+  if not check_vma:
+    continue
+  # max_abs_error the largest of the shards', rel_error their mean (over calls too); each
+  # compares with a float32 dot of that shard's operands, rounded as XLA rounds it (eagerly).
+  eager = runs['eager']
+  for i, p in enumerate(paths[1:]):
+    per_shard = [s[i] for s in shards] if i != 1 else [whole[i]]
+    assert float(eager[p]['max_abs_error']) == max(float(c['max_abs_error'])
+                                                   for s in per_shard for c in s), p
+    mean = np.mean([np.mean([float(c['rel_error']) for c in s]) for s in per_shard])
+    np.testing.assert_allclose(float(eager[p]['rel_error']), mean, rtol=1e-6, err_msg=p)
+print('ok')
+'''
+
+
+def test_shard_map_is_simulated_and_counted_per_whole_gemm():
+  # Two host devices need XLA_FLAGS before jax starts: a subprocess (one, for one compile set).
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  out = subprocess.run([sys.executable, '-c', SHARD_MAP_CHECK], env=env, capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
