@@ -241,8 +241,9 @@ LOWACC_AVX512 inline void Step(__m512* s, const __m512* u, const Format& f, bool
   Round<kR, kO, true, n>(s, lo, f);
 }
 
-// The scaled path of order 'fma' (ScaledFor): acc and product toward_zero or nearest_even,
-// flush, saturate, man_bits >= 1, min_normal at most 1, and exact steps (p.exact_step). A value
+// The scaled path of order 'fma' (where lowacc.kernels.native.scaled says): acc and product
+// toward_zero or nearest_even, flush, saturate, man_bits >= 1, min_normal at most 1, and exact
+// steps (p.exact_step). A value
 // of a format is carried scaled by the power of two that puts the format's min_normal at
 // float32's, 2^-126: the product's scale 2^P, the acc's 2^A. An operation that yields a value in
 // that scale then also flushes it as the format would, by the CPU's flush-to-zero, which zeroes
@@ -259,9 +260,9 @@ LOWACC_AVX512 inline void Step(__m512* s, const __m512* u, const Format& f, bool
 //   a zero. The product runs it in twice its scale and then multiplies by 1/2, which flushes
 //   every |hi| < 2^-125, the wrong results included. The step sums s 2^(P - A) + p in the
 //   product's scale, which holds every sum down to the acc's min_normal / 2 unflushed
-//   (ScaledFor: P >= A + 1), and rounds it into the acc's scale directly: ScaledFor takes this
-//   only where no nonzero sum lies below min_normal 2^-d, the smallest quantum of the two
-//   formats being at least that.
+//   (P >= A + 1), and rounds it into the acc's scale directly: native.scaled takes this
+//   only where no nonzero sum lies in that band, the smallest quantum of the two formats being
+//   at least min_normal 2^-d.
 // Saturation clamps the product before rounding (infinite products become finite before
 // Veltkamp's splitting) and the step after it: clamping to max_normal, which lies on the grid,
 // commutes with a monotone rounding. min returns v where v is NaN, and max its NaN; the `and`
@@ -336,39 +337,24 @@ struct Problem {
   float* y;
   int64_t m, k, n, chunk;
   Format acc, product, combine;
-  bool fma, has_product, has_combine, exact_step, exact_combine;
+  bool fma, has_product, has_combine, exact_step, exact_combine, scaled;
   TileFn tile;    // the Tile instance for this problem (TileFor)
   int tile_rows;  // its rows
-  // The scaled path (ScaledFor): the product's constants, from float32 into its scale; the
+  // The scaled path (scaled; SetScaled): the product's constants, from float32 into its scale; the
   // acc's, in its scale; the step's `across` and the acc's scale back to float32.
   ScaledFormat scaled_product, scaled_acc;
   float across, unscale;
 };
 
-// Whether order 'fma' takes the scaled path (see ScaledFormat); if so, sets its constants.
-bool ScaledFor(Problem& p) {
-  auto covered = [](const Format& f) {
-    return (f.rounding == kTowardZero || f.rounding == kNearestEven) && f.saturate && !f.m0 &&
-           f.flush_below != 0 && ScaledFormat::MinExp(f) <= 0;
-  };
-  if (!p.fma || !p.has_product || !p.exact_step || !covered(p.acc) || !covered(p.product))
-    return false;
+// The scaled path's constants (lowacc.kernels.native.scaled decides where it applies).
+void SetScaled(Problem& p) {
   const int acc_min = ScaledFormat::MinExp(p.acc), prod_min = ScaledFormat::MinExp(p.product);
   const int a = -126 - acc_min, q = -126 - prod_min;  // the scales 2^A, 2^P
   const bool nearest = p.acc.rounding == kNearestEven;
-  if (nearest) {
-    // P >= A + 1, and the smallest quantum of either format at least acc min_normal 2^-d.
-    const int acc_man = 23 - static_cast<int>(p.acc.dropped);
-    const int prod_man = 23 - static_cast<int>(p.product.dropped);
-    if (q < a + 1 || std::min(acc_min - acc_man, prod_min - prod_man) <
-                         acc_min - static_cast<int>(p.acc.dropped))
-      return false;
-  }
   p.scaled_product = ScaledFormat::Of(p.product, 0, q + (p.product.rounding == kNearestEven));
   p.scaled_acc = ScaledFormat::Of(p.acc, a, a - q);
   p.across = ScaledFormat::Pow2(nearest ? q - a : a - q);
   p.unscale = ScaledFormat::Pow2(-a);
-  return true;
 }
 
 // The inner chains of one chunk, products k0 .. k1 - 1, in c (2R vectors). kExact: p.exact_step
@@ -414,7 +400,7 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
 // the products in float32 (fused multiply-adds without product rounding) and rounds the partial
 // once; order 'fma' takes one Step per product. The combine chain's total stays in L1.
 // kAccR, kAccO, kProdR, kProdO: the roundings and overflows of acc (order 'fma') and product,
-// fixed for the inner loop; kScaled: the scaled path (ScaledFor).
+// fixed for the inner loop; kScaled: the scaled path (p.scaled).
 template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
           bool kScaled = false>
 LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float* y, int rows,
@@ -501,7 +487,8 @@ void TileForScaled(Problem& p) {
 }
 
 void TileFor(Problem& p) {
-  if (ScaledFor(p)) {
+  if (p.scaled) {
+    SetScaled(p);
     return p.product.rounding == kTowardZero ? TileForScaled<kTowardZero>(p)
                                              : TileForScaled<kNearestEven>(p);
   }
@@ -538,7 +525,7 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> y, int64_t chunk, int64_t order,
                     ffi::Span<const int64_t> acc, ffi::Span<const int64_t> product,
                     ffi::Span<const int64_t> combine, int64_t exact_step,
-                    int64_t exact_combine) {
+                    int64_t exact_combine, int64_t scaled) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 3 || wd.size() != 3 || xd[0] != wd[0] || xd[2] != wd[1])
     return ffi::Error::InvalidArgument("lowacc_chunk_dot: expected x (B, M, K), w (B, K, N)");
@@ -548,7 +535,7 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     return ffi::Error::InvalidArgument("lowacc_chunk_dot: malformed attributes");
   Problem p{x.typed_data(), w.typed_data(), y->typed_data(), xd[1], xd[2], wd[2], chunk,
             Format::Of(acc), Format{}, Format{}, order == kOrderFma, product.size() != 0,
-            combine.size() != 0, exact_step != 0, exact_combine != 0, nullptr, 0};
+            combine.size() != 0, exact_step != 0, exact_combine != 0, scaled != 0, nullptr, 0};
   if (p.has_product) p.product = Format::Of(product);
   if (p.has_combine) p.combine = Format::Of(combine);
   TileFor(p);
@@ -619,4 +606,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowaccChunkDot, ChunkDot,
                                   .Attr<ffi::Span<const int64_t>>("product")
                                   .Attr<ffi::Span<const int64_t>>("combine")
                                   .Attr<int64_t>("exact_step")
-                                  .Attr<int64_t>("exact_combine"));
+                                  .Attr<int64_t>("exact_combine")
+                                  .Attr<int64_t>("scaled"));
