@@ -266,7 +266,9 @@ LOWACC_AVX512 inline void Step(__m512* s, const __m512* u, const Format& f, bool
 // Saturation clamps the product before rounding (infinite products become finite before
 // Veltkamp's splitting) and the step after it: clamping to max_normal, which lies on the grid,
 // commutes with a monotone rounding. min returns v where v is NaN, and max its NaN; the `and`
-// keeps a quiet NaN (man_bits >= 1).
+// keeps a quiet NaN (man_bits >= 1). Where x and w are finite (kFinite), no product is NaN and,
+// saturated, no sum is infinite or NaN: the clamp is then one range operation (abs-min with
+// max_normal, v's sign), which would turn a NaN into max_normal.
 struct ScaledFormat {
   float max;    // max_normal in the scale it is clamped in
   float scale;  // into the output's scale (the product's nearest_even: twice it)
@@ -289,7 +291,9 @@ struct ScaledFormat {
   static int MinExp(const Format& f) { return static_cast<int>(f.flush_below >> 23) - 127; }
 };
 
+template <bool kFinite>
 LOWACC_AVX512 inline __m512 Clamp(__m512 v, float max) {
+  if constexpr (kFinite) return _mm512_range_ps(v, _mm512_set1_ps(max), 0x02);
   return _mm512_max_ps(_mm512_set1_ps(-max), _mm512_min_ps(_mm512_set1_ps(max), v));
 }
 
@@ -301,9 +305,9 @@ LOWACC_AVX512 inline __m512 Split(__m512 v, const ScaledFormat& f) {
 
 // A float32 product v rounded into the product format f, in its scale. kR: kTowardZero or
 // kNearestEven.
-template <int64_t kR>
+template <int64_t kR, bool kFinite>
 LOWACC_AVX512 inline __m512 ScaledProduct(__m512 v, const ScaledFormat& f) {
-  v = Clamp(v, f.max);
+  v = Clamp<kFinite>(v, f.max);
   if constexpr (kR == kTowardZero) {
     return _mm512_and_ps(_mm512_mul_ps(v, _mm512_set1_ps(f.scale)),
                          _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(f.keep))));
@@ -314,7 +318,7 @@ LOWACC_AVX512 inline __m512 ScaledProduct(__m512 v, const ScaledFormat& f) {
 
 // One step s <- Q_f(s + p), s in the acc's scale, p in the product's; across: 2^(A - P)
 // (toward_zero) or 2^(P - A) (nearest_even).
-template <int64_t kR>
+template <int64_t kR, bool kFinite>
 LOWACC_AVX512 inline __m512 ScaledStep(__m512 s, __m512 p, __m512 across, const ScaledFormat& f) {
   __m512 t;
   if constexpr (kR == kTowardZero) {
@@ -323,7 +327,7 @@ LOWACC_AVX512 inline __m512 ScaledStep(__m512 s, __m512 p, __m512 across, const 
   } else {
     t = Split(_mm512_fmadd_ps(s, across, p), f);
   }
-  return Clamp(t, f.max);
+  return Clamp<kFinite>(t, f.max);
 }
 
 enum Order : int64_t { kOrderChunk = 0, kOrderFma = 1 };
@@ -338,6 +342,7 @@ struct Problem {
   int64_t m, k, n, chunk;
   Format acc, product, combine;
   bool fma, has_product, has_combine, exact_step, exact_combine, scaled;
+  bool finite;  // x and w finite (set where scaled)
   TileFn tile;    // the Tile instance for this problem (TileFor)
   int tile_rows;  // its rows
   // The scaled path (scaled; SetScaled): the product's constants, from float32 into its scale; the
@@ -359,9 +364,10 @@ void SetScaled(Problem& p) {
 
 // The inner chains of one chunk, products k0 .. k1 - 1, in c (2R vectors). kExact: p.exact_step
 // (order 'fma'), fixed here so that the loop has no branch (about 12% faster than testing it per
-// row). kScaled: the scaled path (ScaledFormat), c in the acc's scale.
+// row). kScaled: the scaled path (ScaledFormat), c in the acc's scale; kFinite: its operands
+// are finite.
 template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
-          bool kExact, bool kScaled>
+          bool kExact, bool kScaled, bool kFinite>
 LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
     const Problem& p, const float* const* xr, const float* wp, __m512* c, int64_t k0,
     int64_t k1) {
@@ -372,10 +378,10 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
     for (int r = 0; r < R; ++r) {  // a row (two vectors) at a time: few live mask registers
       const __m512 xv = _mm512_set1_ps(xr[r][kk]);
       if constexpr (kScaled) {
-        const __m512 u0 = ScaledProduct<kProdR>(_mm512_mul_ps(xv, w0), p.scaled_product);
-        const __m512 u1 = ScaledProduct<kProdR>(_mm512_mul_ps(xv, w1), p.scaled_product);
-        c[2 * r] = ScaledStep<kAccR>(c[2 * r], u0, across, p.scaled_acc);
-        c[2 * r + 1] = ScaledStep<kAccR>(c[2 * r + 1], u1, across, p.scaled_acc);
+        const __m512 u0 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w0), p.scaled_product);
+        const __m512 u1 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w1), p.scaled_product);
+        c[2 * r] = ScaledStep<kAccR, kFinite>(c[2 * r], u0, across, p.scaled_acc);
+        c[2 * r + 1] = ScaledStep<kAccR, kFinite>(c[2 * r + 1], u1, across, p.scaled_acc);
         continue;
       }
       if constexpr (!kFma && kProdR == kNoProduct) {
@@ -400,9 +406,9 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
 // the products in float32 (fused multiply-adds without product rounding) and rounds the partial
 // once; order 'fma' takes one Step per product. The combine chain's total stays in L1.
 // kAccR, kAccO, kProdR, kProdO: the roundings and overflows of acc (order 'fma') and product,
-// fixed for the inner loop; kScaled: the scaled path (p.scaled).
+// fixed for the inner loop; kScaled: the scaled path (p.scaled), kFinite: with finite operands.
 template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
-          bool kScaled = false>
+          bool kScaled = false, bool kFinite = false>
 LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float* y, int rows,
                         int cols) {
   constexpr int kVectors = 2 * R;
@@ -415,13 +421,13 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
 #pragma GCC unroll 16
     for (int i = 0; i < kVectors; ++i) c[i] = _mm512_setzero_ps();
     if constexpr (kScaled) {
-      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, true, true>(p, xr, wp, c, k0, k1);
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, true, true, kFinite>(p, xr, wp, c, k0, k1);
 #pragma GCC unroll 16
       for (int i = 0; i < kVectors; ++i) c[i] = _mm512_mul_ps(c[i], _mm512_set1_ps(p.unscale));
     } else if (kFma && p.exact_step) {
-      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kFma, false>(p, xr, wp, c, k0, k1);
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kFma, false, false>(p, xr, wp, c, k0, k1);
     } else {
-      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, false, false>(p, xr, wp, c, k0, k1);
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, false, false, false>(p, xr, wp, c, k0, k1);
     }
     constexpr int kGroup = 4;  // vectors rounded together: their dependency chains overlap
 #pragma GCC unroll 16
@@ -478,19 +484,38 @@ void TileForProductRounding(Problem& p) {
   TileForProduct<kProdR, kAnyOverflow>(p);
 }
 
-template <int64_t kProdR>
+template <int64_t kProdR, bool kFinite>
 void TileForScaled(Problem& p) {
   p.tile_rows = kRows / 2;
   p.tile = p.acc.rounding == kTowardZero
-               ? &Tile<kRows / 2, true, kTowardZero, kSaturate, kProdR, kSaturate, true>
-               : &Tile<kRows / 2, true, kNearestEven, kSaturate, kProdR, kSaturate, true>;
+               ? &Tile<kRows / 2, true, kTowardZero, kSaturate, kProdR, kSaturate, true, kFinite>
+               : &Tile<kRows / 2, true, kNearestEven, kSaturate, kProdR, kSaturate, true, kFinite>;
+}
+
+template <int64_t kProdR>
+void TileForScaledProduct(Problem& p) {
+  p.finite ? TileForScaled<kProdR, true>(p) : TileForScaled<kProdR, false>(p);
+}
+
+// Whether the n floats at v are all finite.
+LOWACC_AVX512 bool AllFinite(const float* v, int64_t n) {
+  const __m512i inf = _mm512_set1_epi32(kInfBits);
+  __mmask16 special = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i u = _mm512_loadu_si512(v + i);
+    special |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, inf), inf);
+  }
+  const __m512i u = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (n - i)) - 1u), v + i);
+  special |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, inf), inf);
+  return special == 0;
 }
 
 void TileFor(Problem& p) {
   if (p.scaled) {
     SetScaled(p);
-    return p.product.rounding == kTowardZero ? TileForScaled<kTowardZero>(p)
-                                             : TileForScaled<kNearestEven>(p);
+    return p.product.rounding == kTowardZero ? TileForScaledProduct<kTowardZero>(p)
+                                             : TileForScaledProduct<kNearestEven>(p);
   }
   if (!p.has_product && !p.fma) {
     p.tile = &Tile<kRows, false, kAnyRounding, kAnyOverflow, kNoProduct, kAnyOverflow>;
@@ -535,11 +560,13 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     return ffi::Error::InvalidArgument("lowacc_chunk_dot: malformed attributes");
   Problem p{x.typed_data(), w.typed_data(), y->typed_data(), xd[1], xd[2], wd[2], chunk,
             Format::Of(acc), Format{}, Format{}, order == kOrderFma, product.size() != 0,
-            combine.size() != 0, exact_step != 0, exact_combine != 0, scaled != 0, nullptr, 0};
+            combine.size() != 0, exact_step != 0, exact_combine != 0, scaled != 0, false, nullptr,
+            0};
   if (p.has_product) p.product = Format::Of(product);
   if (p.has_combine) p.combine = Format::Of(combine);
-  TileFor(p);
   const int64_t batch = xd[0];
+  p.finite = p.scaled && AllFinite(p.x, batch * p.m * p.k) && AllFinite(p.w, batch * p.k * p.n);
+  TileFor(p);
   if (batch * p.m * p.n == 0) return ffi::Error::Success();
   if (p.k == 0) {  // an empty contraction is +0, as the XLA path's
     std::fill(p.y, p.y + batch * p.m * p.n, 0.0f);
