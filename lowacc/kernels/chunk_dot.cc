@@ -16,7 +16,8 @@
 // sets them on the CPU) every nonzero sum is a float32 normal, so a rounding drops exactly
 // 23 - man_bits significand bits: the fixed-mask rounding of lowacc.quantize.round_exact.
 // Where lowacc.kernels.native.exact_sum proves every float32 sum of a step exact, the step skips
-// TwoSum and the sticky bit (Step).
+// TwoSum and the sticky bit (Step); where lowacc.kernels.native.scaled holds (the paper's preset),
+// order 'fma' carries values scaled so that flush-to-zero flushes them (ScaledFormat).
 
 #include <immintrin.h>
 
@@ -297,7 +298,7 @@ LOWACC_AVX512 inline __m512 Clamp(__m512 v, float max) {
   return _mm512_max_ps(_mm512_set1_ps(-max), _mm512_min_ps(_mm512_set1_ps(max), v));
 }
 
-// Veltkamp's c - (c - v) with c = v split, c - v = v (split - scale) (see ScaledFormat).
+// Veltkamp's c - (c - v), scaled: c = v split, then c - (c - v scale) (see ScaledFormat).
 LOWACC_AVX512 inline __m512 Split(__m512 v, const ScaledFormat& f) {
   const __m512 c = _mm512_mul_ps(v, _mm512_set1_ps(f.split));
   return _mm512_sub_ps(c, _mm512_fmadd_ps(v, _mm512_set1_ps(-f.scale), c));
@@ -494,7 +495,8 @@ void TileForScaled(Problem& p) {
 
 template <int64_t kProdR>
 void TileForScaledProduct(Problem& p) {
-  p.finite ? TileForScaled<kProdR, true>(p) : TileForScaled<kProdR, false>(p);
+  if (p.finite) return TileForScaled<kProdR, true>(p);
+  TileForScaled<kProdR, false>(p);
 }
 
 // Whether the n floats at v are all finite.
