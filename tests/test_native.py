@@ -358,3 +358,72 @@ def test_fast_path_only_where_sums_are_exact(rounding):
       [1, -1, 3, -3], np.float32)[None, None, :]
   assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), rounding)
   assert_bits_equal(native.dot(x, w, cfg), oracle_dot(x, w, cfg)[0], f'{rounding} oracle')
+
+
+def _paper(acc_rounding, product_rounding, **product):
+  return lowacc.PAPER_M7E4.replace(acc=lowacc.PAPER_ACC.replace(rounding=acc_rounding),
+                                   product=lowacc.PAPER_PRODUCT.replace(
+                                       rounding=product_rounding, **product))
+
+
+def test_scaled_path_where_it_applies():
+  for a, p in itertools.product(('toward_zero', 'nearest_even'), repeat=2):
+    assert native.scaled(_paper(a, p)), (a, p)
+  cfg = lowacc.PAPER_M7E4
+  assert native.scaled(cfg.replace(combine=None, chunk_size=None))
+  # The product's min_normal equal to the acc's: a toward_zero acc, but not a nearest_even one.
+  assert native.scaled(_paper('toward_zero', 'nearest_even', bias=10))
+  assert not native.scaled(_paper('nearest_even', 'toward_zero', bias=10))
+  # A nearest_even acc where a sum may fall below min_normal 2^-(23 - man_bits): E2M7 bias 1
+  # (min_normal 1) with products of quantum 2^-20.
+  acc = FloatFormat(2, 7, bias=1, rounding='nearest_even', underflow='flush', overflow='saturate')
+  fine = FloatFormat(2, 10, bias=11, rounding='nearest_even', underflow='flush',
+                     overflow='saturate')
+  assert native.exact_sum(acc, fine)
+  assert not native.scaled(AccumulatorConfig(acc=acc, product=fine))
+  assert native.scaled(AccumulatorConfig(acc=acc.replace(rounding='toward_zero'), product=fine))
+  for other in (cfg.replace(order='chunk'), cfg.replace(product=None),
+                _paper('up', 'toward_zero'), _paper('toward_zero', 'down'),
+                cfg.replace(acc=cfg.acc.replace(overflow='inf')),
+                cfg.replace(product=cfg.product.replace(underflow='none')),
+                cfg.replace(product=cfg.product.replace(bias=13)),  # inexact sums
+                cfg.replace(acc=FloatFormat(4, 7, bias=-2, rounding='toward_zero',
+                                            underflow='flush', overflow='saturate'))):
+    assert not native.scaled(other), other
+
+
+SCALED_CASES = list(itertools.product(('toward_zero', 'nearest_even'), repeat=2))
+
+
+@pytest.mark.parametrize('acc_rounding, product_rounding', SCALED_CASES)
+def test_scaled_path_equals_xla_path(acc_rounding, product_rounding):
+  # Products at and around each format's flush point, and those whose Veltkamp splitting would
+  # not flush (|v| just below min_normal 2^-(23 - man_bits)), which must become zeros: after a
+  # small acc value, to which the product's min_normal (the wrong result) would add.
+  i = SCALED_CASES.index((acc_rounding, product_rounding))
+  for j, (combine, chunk) in enumerate((('acc', 16), (None, 5), (lowacc.PAPER_ACC, None))):
+    cfg = _paper(acc_rounding, product_rounding, bias=12 - (i + j) % 2 * 2).replace(
+        combine=combine, chunk_size=chunk)
+    assert native.scaled(cfg) == (acc_rounding == 'toward_zero' or (i + j) % 2 == 0), cfg
+    for seed in range(2):
+      x, w = boundary_operands(cfg, seed + 10 * i)
+      band = cfg.product.min_normal * 2.0 ** (cfg.product.man_bits - 23)
+      x[0, 1, 0] = 1.5 * cfg.acc.min_normal
+      x[0, 1, 1:13] = band * np.array([1 - 2 ** -20, 1 - 2 ** -18, 1 - 2 ** -17, 1, 1 + 2 ** -16,
+                                      0.5] * 2) * np.repeat([1, -1], 6)
+      x[0, 2, :8] = cfg.acc.min_normal * np.array([1, -1, 1 - 2 ** -9, -(1 - 2 ** -9), 0.5,
+                                                   1 - 2 ** -8, 2 ** -16, -2 ** -17])
+      assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), f'{cfg} seed {seed}')
+      # Finite operands take the kernel's finite variant; products still overflow to inf.
+      x, w = (np.where(np.isfinite(a), a, np.copysign(np.float32(3e38), a)) for a in (x, w))
+      assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), f'{cfg} seed {seed} finite')
+
+
+@pytest.mark.parametrize('acc_rounding', ('toward_zero', 'nearest_even'))
+def test_scaled_path_equals_exact_oracle(acc_rounding):
+  cfg = _paper(acc_rounding, acc_rounding)
+  assert native.scaled(cfg)
+  x, w = exact_operands(np.random.default_rng(13), (1, 5, 37), (1, 37, 6), -4)
+  x[0, 0, 3], x[0, 1, 20], w[0, 7, 5] = np.inf, np.nan, -np.inf
+  x[0, 2, :] = 4.0  # saturates
+  assert_bits_equal(native.dot(x, w, cfg), oracle_dot(x, w, cfg)[0], f'{cfg}')

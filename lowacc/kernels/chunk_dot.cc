@@ -16,7 +16,8 @@
 // sets them on the CPU) every nonzero sum is a float32 normal, so a rounding drops exactly
 // 23 - man_bits significand bits: the fixed-mask rounding of lowacc.quantize.round_exact.
 // Where lowacc.kernels.native.exact_sum proves every float32 sum of a step exact, the step skips
-// TwoSum and the sticky bit (Step).
+// TwoSum and the sticky bit (Step); where lowacc.kernels.native.scaled holds (the paper's preset),
+// order 'fma' carries values scaled so that flush-to-zero flushes them (ScaledFormat).
 
 #include <immintrin.h>
 
@@ -241,6 +242,95 @@ LOWACC_AVX512 inline void Step(__m512* s, const __m512* u, const Format& f, bool
   Round<kR, kO, true, n>(s, lo, f);
 }
 
+// The scaled path of order 'fma' (where lowacc.kernels.native.scaled says): acc and product
+// toward_zero or nearest_even, flush, saturate, man_bits >= 1, min_normal at most 1, and exact
+// steps (p.exact_step). A value
+// of a format is carried scaled by the power of two that puts the format's min_normal at
+// float32's, 2^-126: the product's scale 2^P, the acc's 2^A. An operation that yields a value in
+// that scale then also flushes it as the format would, by the CPU's flush-to-zero, which zeroes
+// an exact result below 2^-126 and keeps its sign; so roundings need no compare for the flush.
+// - toward_zero: the truncation of v is below min_normal iff v is (min_normal is a power of two
+//   on the grid), so the flush may come first: the scaling multiply (for the product) or the
+//   step's fused multiply-add, p 2^(A - P) + s, exact where not flushed (exact_step proves s + p
+//   a float32), flushes, and an `and` truncates (scaling keeps the dropped bits).
+// - nearest_even: Veltkamp's splitting c = v (2^d + 1), hi = c - (c - v) is v rounded to
+//   nearest even on 24 - d significant bits (checked exhaustively for d = 23 - man_bits, every
+//   man_bits from 1 to 22, both signs). With c and c - v scaled into the output's scale, the last
+//   subtraction, which is exact, flushes. That is right except where c is a float32 normal and
+//   c - v is not: v in [min_normal 2^-d / (1 + 2^-d), min_normal 2^-d), whose correct result is
+//   a zero. The product runs it in twice its scale and then multiplies by 1/2, which flushes
+//   every |hi| < 2^-125, the wrong results included. The step sums s 2^(P - A) + p in the
+//   product's scale, which holds every sum down to the acc's min_normal / 2 unflushed
+//   (P >= A + 1), and rounds it into the acc's scale directly: native.scaled takes this
+//   only where no nonzero sum lies in that band, the smallest quantum of the two formats being
+//   at least min_normal 2^-d.
+// Saturation clamps the product before rounding (infinite products become finite before
+// Veltkamp's splitting) and the step after it: clamping to max_normal, which lies on the grid,
+// commutes with a monotone rounding. min returns v where v is NaN, and max its NaN; the `and`
+// keeps a quiet NaN (man_bits >= 1). Where x and w are finite (kFinite), no product is NaN and,
+// saturated, no sum is infinite or NaN: the clamp is then one range operation (abs-min with
+// max_normal, v's sign), which would turn a NaN into max_normal.
+struct ScaledFormat {
+  float max;    // max_normal in the scale it is clamped in
+  float scale;  // into the output's scale (the product's nearest_even: twice it)
+  float split;  // nearest_even: Veltkamp's 2^(23 - man_bits) + 1, times scale
+  uint32_t keep;
+
+  // f's constants: max_normal scaled by 2^max_exp, scale 2^scale_exp.
+  static ScaledFormat Of(const Format& f, int max_exp, int scale_exp) {
+    const float scale = Pow2(scale_exp);
+    return {Pow2(max_exp) * Bits(f.over), scale,
+            (static_cast<float>(1u << f.dropped) + 1.0f) * scale, ~f.mask};
+  }
+  static float Bits(uint32_t u) {
+    float v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+  }
+  static float Pow2(int e) { return Bits(static_cast<uint32_t>(e + 127) << 23); }  // normal e
+  // The exponent of f's min_normal.
+  static int MinExp(const Format& f) { return static_cast<int>(f.flush_below >> 23) - 127; }
+};
+
+template <bool kFinite>
+LOWACC_AVX512 inline __m512 Clamp(__m512 v, float max) {
+  if constexpr (kFinite) return _mm512_range_ps(v, _mm512_set1_ps(max), 0x02);
+  return _mm512_max_ps(_mm512_set1_ps(-max), _mm512_min_ps(_mm512_set1_ps(max), v));
+}
+
+// Veltkamp's c - (c - v), scaled: c = v split, then c - (c - v scale) (see ScaledFormat).
+LOWACC_AVX512 inline __m512 Split(__m512 v, const ScaledFormat& f) {
+  const __m512 c = _mm512_mul_ps(v, _mm512_set1_ps(f.split));
+  return _mm512_sub_ps(c, _mm512_fmadd_ps(v, _mm512_set1_ps(-f.scale), c));
+}
+
+// A float32 product v rounded into the product format f, in its scale. kR: kTowardZero or
+// kNearestEven.
+template <int64_t kR, bool kFinite>
+LOWACC_AVX512 inline __m512 ScaledProduct(__m512 v, const ScaledFormat& f) {
+  v = Clamp<kFinite>(v, f.max);
+  if constexpr (kR == kTowardZero) {
+    return _mm512_and_ps(_mm512_mul_ps(v, _mm512_set1_ps(f.scale)),
+                         _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(f.keep))));
+  } else {
+    return _mm512_mul_ps(Split(v, f), _mm512_set1_ps(0.5f));
+  }
+}
+
+// One step s <- Q_f(s + p), s in the acc's scale, p in the product's; across: 2^(A - P)
+// (toward_zero) or 2^(P - A) (nearest_even).
+template <int64_t kR, bool kFinite>
+LOWACC_AVX512 inline __m512 ScaledStep(__m512 s, __m512 p, __m512 across, const ScaledFormat& f) {
+  __m512 t;
+  if constexpr (kR == kTowardZero) {
+    t = _mm512_and_ps(_mm512_fmadd_ps(p, across, s),
+                      _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(f.keep))));
+  } else {
+    t = Split(_mm512_fmadd_ps(s, across, p), f);
+  }
+  return Clamp<kFinite>(t, f.max);
+}
+
 enum Order : int64_t { kOrderChunk = 0, kOrderFma = 1 };
 
 struct Problem;
@@ -252,24 +342,49 @@ struct Problem {
   float* y;
   int64_t m, k, n, chunk;
   Format acc, product, combine;
-  bool fma, has_product, has_combine, exact_step, exact_combine;
+  bool fma, has_product, has_combine, exact_step, exact_combine, scaled;
+  bool finite;  // x and w finite (set where scaled)
   TileFn tile;    // the Tile instance for this problem (TileFor)
   int tile_rows;  // its rows
+  // The scaled path (scaled; SetScaled): the product's constants, from float32 into its scale; the
+  // acc's, in its scale; the step's `across` and the acc's scale back to float32.
+  ScaledFormat scaled_product, scaled_acc;
+  float across, unscale;
 };
+
+// The scaled path's constants (lowacc.kernels.native.scaled decides where it applies).
+void SetScaled(Problem& p) {
+  const int acc_min = ScaledFormat::MinExp(p.acc), prod_min = ScaledFormat::MinExp(p.product);
+  const int a = -126 - acc_min, q = -126 - prod_min;  // the scales 2^A, 2^P
+  const bool nearest = p.acc.rounding == kNearestEven;
+  p.scaled_product = ScaledFormat::Of(p.product, 0, q + (p.product.rounding == kNearestEven));
+  p.scaled_acc = ScaledFormat::Of(p.acc, a, a - q);
+  p.across = ScaledFormat::Pow2(nearest ? q - a : a - q);
+  p.unscale = ScaledFormat::Pow2(-a);
+}
 
 // The inner chains of one chunk, products k0 .. k1 - 1, in c (2R vectors). kExact: p.exact_step
 // (order 'fma'), fixed here so that the loop has no branch (about 12% faster than testing it per
-// row).
+// row). kScaled: the scaled path (ScaledFormat), c in the acc's scale; kFinite: its operands
+// are finite.
 template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
-          bool kExact>
+          bool kExact, bool kScaled, bool kFinite>
 LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
     const Problem& p, const float* const* xr, const float* wp, __m512* c, int64_t k0,
     int64_t k1) {
+  const __m512 across = _mm512_set1_ps(p.across);
   for (int64_t kk = k0; kk < k1; ++kk) {
     const __m512 w0 = _mm512_load_ps(wp + kk * kCols), w1 = _mm512_load_ps(wp + kk * kCols + 16);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {  // a row (two vectors) at a time: few live mask registers
       const __m512 xv = _mm512_set1_ps(xr[r][kk]);
+      if constexpr (kScaled) {
+        const __m512 u0 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w0), p.scaled_product);
+        const __m512 u1 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w1), p.scaled_product);
+        c[2 * r] = ScaledStep<kAccR, kFinite>(c[2 * r], u0, across, p.scaled_acc);
+        c[2 * r + 1] = ScaledStep<kAccR, kFinite>(c[2 * r + 1], u1, across, p.scaled_acc);
+        continue;
+      }
       if constexpr (!kFma && kProdR == kNoProduct) {
         c[2 * r] = _mm512_fmadd_ps(xv, w0, c[2 * r]);
         c[2 * r + 1] = _mm512_fmadd_ps(xv, w1, c[2 * r + 1]);
@@ -292,8 +407,9 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
 // the products in float32 (fused multiply-adds without product rounding) and rounds the partial
 // once; order 'fma' takes one Step per product. The combine chain's total stays in L1.
 // kAccR, kAccO, kProdR, kProdO: the roundings and overflows of acc (order 'fma') and product,
-// fixed for the inner loop.
-template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO>
+// fixed for the inner loop; kScaled: the scaled path (p.scaled), kFinite: with finite operands.
+template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
+          bool kScaled = false, bool kFinite = false>
 LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float* y, int rows,
                         int cols) {
   constexpr int kVectors = 2 * R;
@@ -305,10 +421,14 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
     __m512 c[kVectors];
 #pragma GCC unroll 16
     for (int i = 0; i < kVectors; ++i) c[i] = _mm512_setzero_ps();
-    if (kFma && p.exact_step) {
-      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kFma>(p, xr, wp, c, k0, k1);
+    if constexpr (kScaled) {
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, true, true, kFinite>(p, xr, wp, c, k0, k1);
+#pragma GCC unroll 16
+      for (int i = 0; i < kVectors; ++i) c[i] = _mm512_mul_ps(c[i], _mm512_set1_ps(p.unscale));
+    } else if (kFma && p.exact_step) {
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kFma, false, false>(p, xr, wp, c, k0, k1);
     } else {
-      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, false>(p, xr, wp, c, k0, k1);
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, false, false, false>(p, xr, wp, c, k0, k1);
     }
     constexpr int kGroup = 4;  // vectors rounded together: their dependency chains overlap
 #pragma GCC unroll 16
@@ -365,7 +485,40 @@ void TileForProductRounding(Problem& p) {
   TileForProduct<kProdR, kAnyOverflow>(p);
 }
 
+template <int64_t kProdR, bool kFinite>
+void TileForScaled(Problem& p) {
+  p.tile_rows = kRows / 2;
+  p.tile = p.acc.rounding == kTowardZero
+               ? &Tile<kRows / 2, true, kTowardZero, kSaturate, kProdR, kSaturate, true, kFinite>
+               : &Tile<kRows / 2, true, kNearestEven, kSaturate, kProdR, kSaturate, true, kFinite>;
+}
+
+template <int64_t kProdR>
+void TileForScaledProduct(Problem& p) {
+  if (p.finite) return TileForScaled<kProdR, true>(p);
+  TileForScaled<kProdR, false>(p);
+}
+
+// Whether the n floats at v are all finite.
+LOWACC_AVX512 bool AllFinite(const float* v, int64_t n) {
+  const __m512i inf = _mm512_set1_epi32(kInfBits);
+  __mmask16 special = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i u = _mm512_loadu_si512(v + i);
+    special |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, inf), inf);
+  }
+  const __m512i u = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (n - i)) - 1u), v + i);
+  special |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, inf), inf);
+  return special == 0;
+}
+
 void TileFor(Problem& p) {
+  if (p.scaled) {
+    SetScaled(p);
+    return p.product.rounding == kTowardZero ? TileForScaledProduct<kTowardZero>(p)
+                                             : TileForScaledProduct<kNearestEven>(p);
+  }
   if (!p.has_product && !p.fma) {
     p.tile = &Tile<kRows, false, kAnyRounding, kAnyOverflow, kNoProduct, kAnyOverflow>;
     p.tile_rows = kRows;
@@ -399,7 +552,7 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> y, int64_t chunk, int64_t order,
                     ffi::Span<const int64_t> acc, ffi::Span<const int64_t> product,
                     ffi::Span<const int64_t> combine, int64_t exact_step,
-                    int64_t exact_combine) {
+                    int64_t exact_combine, int64_t scaled) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 3 || wd.size() != 3 || xd[0] != wd[0] || xd[2] != wd[1])
     return ffi::Error::InvalidArgument("lowacc_chunk_dot: expected x (B, M, K), w (B, K, N)");
@@ -409,11 +562,13 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     return ffi::Error::InvalidArgument("lowacc_chunk_dot: malformed attributes");
   Problem p{x.typed_data(), w.typed_data(), y->typed_data(), xd[1], xd[2], wd[2], chunk,
             Format::Of(acc), Format{}, Format{}, order == kOrderFma, product.size() != 0,
-            combine.size() != 0, exact_step != 0, exact_combine != 0, nullptr, 0};
+            combine.size() != 0, exact_step != 0, exact_combine != 0, scaled != 0, false, nullptr,
+            0};
   if (p.has_product) p.product = Format::Of(product);
   if (p.has_combine) p.combine = Format::Of(combine);
-  TileFor(p);
   const int64_t batch = xd[0];
+  p.finite = p.scaled && AllFinite(p.x, batch * p.m * p.k) && AllFinite(p.w, batch * p.k * p.n);
+  TileFor(p);
   if (batch * p.m * p.n == 0) return ffi::Error::Success();
   if (p.k == 0) {  // an empty contraction is +0, as the XLA path's
     std::fill(p.y, p.y + batch * p.m * p.n, 0.0f);
@@ -480,4 +635,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowaccChunkDot, ChunkDot,
                                   .Attr<ffi::Span<const int64_t>>("product")
                                   .Attr<ffi::Span<const int64_t>>("combine")
                                   .Attr<int64_t>("exact_step")
-                                  .Attr<int64_t>("exact_combine"));
+                                  .Attr<int64_t>("exact_combine")
+                                  .Attr<int64_t>("scaled"));

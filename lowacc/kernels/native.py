@@ -29,7 +29,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from lowacc.formats import AccumulatorConfig, FloatFormat
 from lowacc.quantize import limit_bits
 
-__all__ = ['available', 'dot', 'exact_sum', 'supports']
+__all__ = ['available', 'dot', 'exact_sum', 'scaled', 'supports']
 
 _TARGET = 'lowacc_chunk_dot'
 _ROUNDINGS = {'nearest_even': 0, 'toward_zero': 1, 'up': 2, 'down': 3}
@@ -155,6 +155,28 @@ def exact_sum(a: Optional[FloatFormat], b: Optional[FloatFormat]) -> bool:
   return True
 
 
+def scaled(cfg: AccumulatorConfig) -> bool:
+  """Whether the kernel runs this config's chain on its scaled path (chunk_dot.cc's
+  ScaledFormat), where the CPU's flush-to-zero flushes: order 'fma'; acc and product both
+  toward_zero or nearest_even, 'flush', 'saturate', man_bits >= 1 and min_normal <= 1; every step
+  sum exact (`exact_sum`). A nearest_even acc also needs the product's min_normal at most half
+  the acc's, and the smallest quantum of the two formats at least acc.min_normal *
+  2^(man_bits - 23), so that no nonzero sum falls where its Veltkamp splitting would not flush."""
+  def covered(f):
+    return (isinstance(f, FloatFormat) and f.rounding in ('toward_zero', 'nearest_even')
+            and f.underflow == 'flush' and f.overflow == 'saturate' and f.man_bits >= 1
+            and f.min_exp <= 0)
+  acc, product = cfg.acc, cfg.product
+  if not (cfg.order == 'fma' and covered(acc) and covered(product)
+          and exact_sum(acc, product)):
+    return False
+  if acc.rounding == 'nearest_even':
+    quantum = min(acc.min_exp - acc.man_bits, product.min_exp - product.man_bits)
+    return (product.min_exp <= acc.min_exp - 1
+            and quantum >= acc.min_exp - (23 - acc.man_bits))
+  return True
+
+
 def _fields(fmt: Optional[FloatFormat]) -> np.ndarray:
   """[man_bits, rounding, overflow, flush_below, limit, m0_parity]: chunk_dot.cc's Format."""
   if fmt is None:
@@ -186,6 +208,7 @@ def _kernel(cfg: AccumulatorConfig, x, w):
   return ffi(x, w, chunk=np.int64(max(chunk, 1)), order=np.int64(_ORDERS[cfg.order]),
              acc=_fields(cfg.acc), product=_fields(cfg.product), combine=_fields(comb),
              exact_step=np.int64(exact_sum(cfg.acc, cfg.product)),
+             scaled=np.int64(scaled(cfg)),
              exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)))
 
 
