@@ -37,8 +37,9 @@ def _run(config, export, out, formats=FORMATS, inputs=INPUTS, stats_formats=('M7
 
 def _reference(config, export, fmt):
   """(float32, simulated) logits of the first INPUTS views through lowacc.simulate."""
-  model = efficientnet.efficientnet_lite('lite0', num_classes=1000, rngs=nnx.Rngs(0))
-  train.load_model(model, export)
+  model = nnx.eval_shape(lambda: efficientnet.efficientnet_lite('lite0', num_classes=1000,
+                                                                rngs=nnx.Rngs(0)))
+  train.load_model(model, export)  # every variable
   model.eval()
   views = photo_views.photo_views()
   x = np.stack([photo_views.ViewTransform(TINY.image_size).map(views[i])['image']
