@@ -184,14 +184,17 @@ def load_model(model: nnx.Module, path: str) -> None:
 
 def build(config: ml_collections.ConfigDict):
   """(task, model) of a config: checked before any work (missing data, weights, tokenizer), with
-  the pretrained weights and then config.init_from loaded."""
+  the pretrained weights, or config.init_from's export where one is given (it holds the whole
+  state, so the model is then built abstractly, sparing its initialisers' compilation)."""
   task = tasks.create(config)
   task.check(config)
+  if config.init_from:
+    model = nnx.eval_shape(lambda: task.create_model(nnx.Rngs(config.seed)))
+    load_model(model, config.init_from)
+    return task, model
   model = task.create_model(nnx.Rngs(config.seed))
   if config.pretrained:
     task.load_pretrained(model, config.pretrained)
-  if config.init_from:
-    load_model(model, config.init_from)
   return task, model
 
 

@@ -1,5 +1,6 @@
-"""Shared helpers: bitwise comparison, inputs that hit every rounding boundary of a format, and a
-small run of the experiments (a sweep and an estimator study) that several test files read."""
+"""Shared helpers: bitwise comparison, inputs that hit every rounding boundary of a format, and
+small runs of the experiments (a sweep and an estimator study; an agreement study) that several
+test files read."""
 
 import os
 import shutil
@@ -107,6 +108,60 @@ def small_results(tmp_path_factory):
                  check=True, capture_output=True)
   return root, export
 
+
+# The small agreement run: EfficientNet-Lite0 made narrow and shallow (7 blocks, 8 to 80 channels,
+# 32 x 32 views), scored at these formats on the first AGREEMENT_INPUTS views, telemetry at the first.
+TINY_LITE = dict(width=0.25, depth=0.1, image_size=32)
+AGREEMENT_FORMATS = ['M7E4b10', 'M4E5']
+AGREEMENT_INPUTS = 27
+# The layers it simulates: block 0 (a 3 x 3 depthwise conv, K = 9, and a 1x1 projection over the
+# stem's 32 channels), block 2 (a 1x1 expansion, a 5 x 5 depthwise conv, a 1x1 projection) and the
+# classifier (K = 1280): each kind of layer and each K the checks name, in 6 of the 23 GEMMs (the
+# telemetry's compilation is most of the run's time).
+AGREEMENT_SKIP = ('^(?!blocks/0/|blocks/2/|fc$)',)
+
+
+def agreement_config():
+  """configs/imagenet_efficientnet.py with random weights, batches of 9 views and AGREEMENT_SKIP
+  (its model is the tiny one while efficientnet.VARIANTS['lite0'] is TINY_LITE's)."""
+  from configs import imagenet_efficientnet
+  config = imagenet_efficientnet.get_config()
+  config.pretrained = ''
+  config.data.eval_batch_size = 9
+  config.accumulator.skip = AGREEMENT_SKIP
+  return config
+
+
+@pytest.fixture(scope='session')
+def small_agreement(tmp_path_factory):
+  """experiments.agreement's small run: (config, model export, output prefix <dir>/agreement_tiny,
+  its JSON's content) of the tiny Lite with He-scaled random weights and batch statistics, at
+  AGREEMENT_FORMATS on AGREEMENT_INPUTS views, telemetry at M7E4b10 on 2 views. Skips without the
+  photo wheels."""
+  from flax import nnx
+
+  from experiments import agreement, train
+  from lowacc.data import photo_views
+  from lowacc.models import efficientnet
+  from tests.test_efficientnet import _random_state
+  try:
+    photo_views.photo_views()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  root = tmp_path_factory.mktemp('agreement')
+  variant = efficientnet.Variant(**TINY_LITE)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(efficientnet.VARIANTS, 'lite0', variant)
+    config = agreement_config()
+    model = nnx.eval_shape(lambda: efficientnet.efficientnet_lite('lite0', num_classes=1000,
+                                                                  rngs=nnx.Rngs(3)))
+    efficientnet.load_torch(model, _random_state(efficientnet.torch_shapes(model), seed=3))
+    export = str(root / 'model')
+    train.export_model(model, export)
+    out = str(root / 'agreement_tiny')
+    result = agreement.run(config, export, AGREEMENT_FORMATS, AGREEMENT_INPUTS, 1, 2,
+                           ('M7E4b10',), out)
+  return config, export, out, result
 
 
 @pytest.hookimpl(tryfirst=True)

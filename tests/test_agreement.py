@@ -1,5 +1,6 @@
-"""experiments.agreement on a small run: a narrow, shallow EfficientNet-Lite (random weights, 32 x
-32 views) against its float32 self on the 27 first views, with agreement and KL checked against
+"""experiments.agreement on conftest's small run: a narrow, shallow EfficientNet-Lite (random
+weights, 32 x 32 views, 6 of its 23 GEMM layers simulated; all of them in the heavy tier) against
+its float32 self on the 27 first views, with agreement and KL checked against
 logits computed here through `lowacc.simulate` and scipy; a killed run resumes with nothing lost
 and points are never reused for another config; bad flags fail in one line before any work.
 They skip without the photo wheels."""
@@ -20,35 +21,14 @@ import lowacc
 from experiments import agreement, state, train
 from lowacc.data import photo_views
 from lowacc.models import efficientnet
-from tests.test_efficientnet import _random_state
+from tests.conftest import AGREEMENT_FORMATS as FORMATS
+from tests.conftest import AGREEMENT_INPUTS as INPUTS
+from tests.conftest import TINY_LITE
 
-TINY = efficientnet.Variant(width=0.25, depth=0.1, image_size=32)
-FORMATS = ['M7E4b10', 'M4E5']
-INPUTS = 27
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  """The config, an exported model ('lite0' made tiny: 7 blocks, 8 to 80 channels, 32 x 32
-  views, He-scaled random weights and batch statistics) and the prefix of a finished run."""
-  from configs import imagenet_efficientnet
-  try:
-    photo_views.photo_views()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
-  root = tmp_path_factory.mktemp('agreement')
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setitem(efficientnet.VARIANTS, 'lite0', TINY)
-    config = imagenet_efficientnet.get_config()
-    config.pretrained = ''
-    config.data.eval_batch_size = 9
-    model = efficientnet.efficientnet_lite('lite0', num_classes=1000, rngs=nnx.Rngs(3))
-    efficientnet.load_torch(model, _random_state(efficientnet.torch_shapes(model), seed=3))
-    export = str(root / 'model')
-    train.export_model(model, export)
-    out = str(root / 'agr')
-    result = _run(config, export, out)
-    yield config, export, out, result
+TINY = efficientnet.Variant(**TINY_LITE)
+# The GEMM layers conftest's AGREEMENT_SKIP leaves simulated.
+SIMULATED = {'blocks/0/depthwise_conv', 'blocks/0/project_conv', 'blocks/2/expand_conv',
+             'blocks/2/depthwise_conv', 'blocks/2/project_conv', 'fc'}
 
 
 def _run(config, export, out, formats=FORMATS, inputs=INPUTS, stats_formats=('M7E4b10',)):
@@ -57,8 +37,9 @@ def _run(config, export, out, formats=FORMATS, inputs=INPUTS, stats_formats=('M7
 
 def _reference(config, export, fmt):
   """(float32, simulated) logits of the first INPUTS views through lowacc.simulate."""
-  model = efficientnet.efficientnet_lite('lite0', num_classes=1000, rngs=nnx.Rngs(0))
-  train.load_model(model, export)
+  model = nnx.eval_shape(lambda: efficientnet.efficientnet_lite('lite0', num_classes=1000,
+                                                                rngs=nnx.Rngs(0)))
+  train.load_model(model, export)  # every variable
   model.eval()
   views = photo_views.photo_views()
   x = np.stack([photo_views.ViewTransform(TINY.image_size).map(views[i])['image']
@@ -72,8 +53,8 @@ def _reference(config, export, fmt):
                for f in (nnx.jit(forward), simulated))
 
 
-def test_agreement_kl_and_top1_equal_a_direct_computation(tiny):
-  config, export, out, result = tiny
+def test_agreement_kl_and_top1_equal_a_direct_computation(small_agreement):
+  config, export, out, result = small_agreement
   rows = {r['format']: r for r in result['points']}
   assert list(rows) == ['float32'] + FORMATS
   base = rows['float32']
@@ -96,6 +77,8 @@ def test_agreement_kl_and_top1_equal_a_direct_computation(tiny):
   # the telemetry only where asked, with each layer's contraction length
   assert rows['M4E5']['counters'] == {} and base['counters'] == {}
   counters = rows['M7E4b10']['counters']
+  assert set(counters) == SIMULATED
+  assert {name: c['K'] for name, c in counters.items()} == _torch_contraction_lengths(SIMULATED)
   assert counters['blocks/0/depthwise_conv']['K'] == 9  # 3 x 3, one channel per group
   assert counters['blocks/2/depthwise_conv']['K'] == 25  # 5 x 5
   assert counters['blocks/0/project_conv']['K'] == 32  # 1 x 1 over the stem's 32 channels
@@ -106,6 +89,36 @@ def test_agreement_kl_and_top1_equal_a_direct_computation(tiny):
   assert '| M4E5 | 10 |' in open(out + '.md').read()
 
 
+def _torch_contraction_lengths(layers):
+  """Layer path -> K from the tiny model's torch weight shapes: (out, in / groups, kh, kw) for a
+  conv, (out, in) for the classifier."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(efficientnet.VARIANTS, 'lite0', TINY)
+    model = nnx.eval_shape(lambda: efficientnet.efficientnet_lite('lite0', num_classes=1000,
+                                                                  rngs=nnx.Rngs(0)))
+  shapes = efficientnet.torch_shapes(model)
+  path = lambda key: '/'.join(part.lstrip('_') for part in key[:-len('.weight')].split('.'))
+  lengths = {path(k): int(np.prod(s[1:])) for k, s in shapes.items()
+             if k.endswith('.weight') and len(s) in (2, 4)}
+  return {name: lengths[name] for name in layers}
+
+
+@pytest.mark.heavy
+def test_the_whole_models_telemetry_has_every_layer_with_its_k(small_agreement, tmp_path,
+                                                               monkeypatch):
+  """The small run simulates 6 of the 23 GEMM layers (conftest.AGREEMENT_SKIP); with none skipped
+  every one reports counters and its K (the telemetry of all 23 compiles for about a minute)."""
+  config, export, _, _ = small_agreement
+  monkeypatch.setitem(efficientnet.VARIANTS, 'lite0', TINY)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.accumulator.skip = ()
+  counters = _run(config, export, tmp_path / 'all', formats=['M7E4b10'])['points'][1]['counters']
+  lengths = _torch_contraction_lengths(counters)
+  assert len(counters) == 23 and SIMULATED < set(counters)
+  assert {name: c['K'] for name, c in counters.items()} == lengths
+  assert lengths['conv_stem'] == 27 and all(c['steps'] > 0 for c in counters.values())
+
+
 def test_clustered_standard_error_of_equal_clusters_is_that_of_their_means():
   rng = np.random.default_rng(0)
   x = rng.standard_normal(40)
@@ -114,8 +127,8 @@ def test_clustered_standard_error_of_equal_clusters_is_that_of_their_means():
   assert agreement.clustered_se(x, groups) == pytest.approx(means.std(ddof=1) / np.sqrt(8))
 
 
-def test_a_killed_run_resumes_and_another_config_is_refused(tiny, tmp_path, monkeypatch):
-  config, export, finished, result = tiny
+def test_a_killed_run_resumes_and_another_config_is_refused(small_agreement, tmp_path, monkeypatch):
+  config, export, finished, result = small_agreement
   monkeypatch.setitem(efficientnet.VARIANTS, 'lite0', TINY)
   out = str(tmp_path / 'agr')
   shutil.copytree(finished + '.state', out + '.state')
@@ -149,8 +162,8 @@ def test_a_killed_run_resumes_and_another_config_is_refused(tiny, tmp_path, monk
     (dict(inputs=26), r'--inputs=26: must be 0'),
     (dict(stats_formats=['M6E5']), r"--stats_formats contains 'M6E5', which is not among"),
 ])
-def test_bad_values_are_refused_before_any_work(tiny, tmp_path, kwargs, message):
-  config, export, _, _ = tiny
+def test_bad_values_are_refused_before_any_work(small_agreement, tmp_path, kwargs, message):
+  config, export, _, _ = small_agreement
   with pytest.raises(ValueError, match=message):
     _run(config, export, tmp_path / 'agr', **kwargs)
   assert not os.path.exists(str(tmp_path / 'agr') + '.state')
