@@ -10,6 +10,8 @@ computation, measured in the same run, with float32 XLA alongside.
 python -m benchmarks.bench_simulate
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,10 +48,20 @@ def _equal(a, b) -> bool:
                                                   jax.tree.leaves(jax.device_get(b))))
 
 
+def _same_program(f, g, *args) -> bool:
+  """Whether two jitted functions compile to the same executable: the same computations, in
+  the compiled HLO without its source locations (metadata and the tables of file names)."""
+  def text(fn):
+    hlo = fn.lower(*args).compile().as_text()
+    return [re.sub(r', metadata=\{[^}]*\}', '', line) for line in hlo.splitlines()
+            if line.startswith(('%', 'ENTRY', ' ', '}'))]
+  return text(f) == text(g)
+
+
 def resnet18_simulate_step():
   """simulate against apply_policy, and apply_policy against a second compile of itself: the
   control, which shows how far two runs of one program differ on this machine. Both steps must
-  give the same bits; `same_stablehlo` says whether they lower to the same program."""
+  give the same bits; `same_program` says whether they compile to the same executable."""
   model = resnet.resnet18(num_classes=10, stem='cifar', rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   batch = dict(image=rng.standard_normal((32, 32, 32, 3)).astype(np.float32),
@@ -65,11 +77,11 @@ def resnet18_simulate_step():
            'apply_policy again': _step(wired_graphdef, _loss)}
   if not _equal(steps['simulate'](*args), steps['apply_policy'](*args)):
     raise AssertionError('the simulated step differs from the hand-wired one')
-  same = steps['simulate'].lower(*args).as_text() == steps['apply_policy'].lower(*args).as_text()
+  same = _same_program(steps['simulate'], steps['apply_policy'], *args)
   t = best_times({name: (step, args) for name, step in steps.items()}, repeats=6)
   name = 'resnet18 32x32 b32 step chunk'
   return {f'{name}, simulate / apply_policy': dict(ratio=t['simulate'] / t['apply_policy'],
-                                                   same_stablehlo=same),
+                                                   same_program=same),
           f'{name}, apply_policy / itself (control)': dict(
               ratio=t['apply_policy again'] / t['apply_policy']),
           f'{name}, apply_policy / float32': dict(ratio=t['apply_policy'] / t['float32']),
@@ -88,9 +100,10 @@ def vmapped_native_gemm(batch=16, n=256):
            'vmap': jax.jit(jax.vmap(lambda a, b: lowacc.dot_general(a, b, one, CHUNK)))}
   if not _equal(calls['vmap'](x, w), calls['batched'](x, w)):
     raise AssertionError('the vmapped GEMMs differ from the batched call')
+  same = _same_program(calls['vmap'], calls['batched'], x, w)
   t = best_times({name: (fn, (x, w)) for name, fn in calls.items()}, repeats=8)
   name = f'{batch} x gemm{n} chunk fwd'
-  return {f'{name}, vmap / batched': dict(ratio=t['vmap'] / t['batched']),
+  return {f'{name}, vmap / batched': dict(ratio=t['vmap'] / t['batched'], same_program=same),
           f'{name}, batched / float32': dict(ratio=t['batched'] / t['float32'])}
 
 
