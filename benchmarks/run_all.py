@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 
-from benchmarks import bench_apytypes, bench_core, bench_models
+from benchmarks import bench_apytypes, bench_core, bench_models, bench_simulate
 
 
 def main():
@@ -16,7 +16,7 @@ def main():
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'latest'))
   args = parser.parse_args()
   results = {**bench_core.gemm(), **bench_core.resnet_conv(), **bench_apytypes.run(),
-             **bench_models.resnet18_step(), **bench_models.bert_step()}
+             **bench_models.resnet18_step(), **bench_models.bert_step(), **bench_simulate.run()}
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'benchmarks.json'), 'w') as f:
     json.dump(dict(machine=bench_core.machine(), results=results), f, indent=1)

@@ -16,7 +16,7 @@ from jax import lax
 
 import lowacc
 from lowacc import AccumulatorConfig, FloatFormat
-from lowacc.models import resnet
+from lowacc.models import bert, resnet
 from lowacc.nn import apply_policy
 from lowacc.policy import Policy, Rule
 from lowacc.simulate import coverage, simulate
@@ -583,3 +583,45 @@ def test_shard_map_is_simulated_and_counted_per_whole_gemm():
   out = subprocess.run([sys.executable, '-c', SHARD_MAP_CHECK], env=env, capture_output=True,
                        text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ lowacc's own BERT
+
+def test_bert_equals_apply_policy_forward_and_gradients(rng):
+  """Every GEMM, attention's QK^T and PV included: simulate's sites are apply_policy's layers
+  (same paths, same roles), and the two give the same bits, forward and gradients."""
+  config = bert.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=16, max_position_embeddings=8)
+
+  def build():
+    model = bert.BertForSequenceClassification(config, 2, rngs=nnx.Rngs(0))
+    model.eval()
+    return model
+
+  ids = jnp.asarray(rng.integers(0, 16, (2, 4)), jnp.int32)
+  mask = jnp.asarray([[1, 1, 1, 1], [1, 1, 1, 0]], jnp.int32)  # a padded key: the mask bias
+  for ste in ('identity', 'recursive_both'):
+    policy = Policy.everywhere(MODEL.replace(ste=ste))
+    wired = build()
+    assigned = apply_policy(wired, policy)
+    graphdef, params, rest = nnx.split(wired, nnx.Param, ...)  # rest: dropout's rng state
+    plain_graphdef, _, _ = nnx.split(build(), nnx.Param, ...)
+    loss = lambda model, ids, mask: jnp.sum(model(ids, mask) ** 2)  # noqa: E731
+    sites = coverage(loss, policy, build(), ids, mask)
+    assert {c.site.path: c.config for c in sites} == assigned
+    assert all(c.status == 'simulated' for c in sites)
+    roles = {c.site.path: c.site.role for c in sites}
+    assert [p for p, r in roles.items() if r == 'activation'] == [
+        'bert/encoder/layer/0/attention/self/qk', 'bert/encoder/layer/0/attention/self/pv']
+    loss_wired = lambda params, ids, mask: loss(  # noqa: E731
+        nnx.merge(graphdef, params, rest), ids, mask)
+    simulated = simulate(loss, policy)
+    loss_sim = lambda params, ids, mask: simulated(  # noqa: E731
+        nnx.merge(plain_graphdef, params, rest), ids, mask)
+    # One compile per side and estimator: value_and_grad gives the forward and the gradients.
+    (got_loss, got), (want_loss, want) = (jax.jit(jax.value_and_grad(f))(params, ids, mask)
+                                          for f in (loss_sim, loss_wired))
+    assert_bits_equal(got_loss, want_loss, f'forward, {ste}')
+    assert got_loss != loss(nnx.merge(plain_graphdef, params, rest), ids, mask)  # not float32
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert_bits_equal(g, e, f'gradient, {ste}')
