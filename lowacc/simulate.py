@@ -129,14 +129,41 @@ def _module_scopes(modules: dict[int, tuple[str, Any]]):
       setattr(cls, name, value)
 
 
-def _trace(fn, args, kwargs):
-  """fn's closed jaxpr on the flattened (args, kwargs), its output tree and which inputs are
-  parameters."""
+def _top_modules(tree) -> list:
+  """The NNX modules that are (or lie inside) arguments and are not inside another module."""
+  nnx = sys.modules.get('flax.nnx')
+  if nnx is None:
+    return []
+  return [m for m in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Module))
+          if isinstance(m, nnx.Module)]
+
+
+@dataclasses.dataclass
+class _Traced:
+  """fn's closed jaxpr on the flattened (args, kwargs): its first `outputs` results are fn's
+  outputs (of out_tree), the rest the array leaves of the NNX argument modules' states after fn
+  ran (`write_back` puts them into the modules, as nnx.jit does)."""
+  closed: Any
+  out_tree: Any
+  outputs: int
+  leaves: list
+  params: list
+  states: list  # per top module: (its State's treedef, [leaf or None where an array follows])
+
+  def write_back(self, modules, values):
+    nnx = sys.modules['flax.nnx']
+    values = iter(values)
+    for module, (tree, static) in zip(modules, self.states):
+      nnx.update(module, jax.tree.unflatten(tree, [next(values) if leaf is None else leaf
+                                                   for leaf in static]))
+
+
+def _trace(fn, args, kwargs) -> _Traced:
   leaves_with_paths, tree = jax.tree_util.tree_flatten_with_path((args, kwargs))
   traced = [_is_array(leaf) for _, leaf in leaves_with_paths]
   leaves = [leaf for (_, leaf), t in zip(leaves_with_paths, traced) if t]
   params = [_is_param(p) for (p, _), t in zip(leaves_with_paths, traced) if t]
-  out_tree = []
+  found = {}
 
   def flat(*arrays):
     arrays = iter(arrays)
@@ -144,12 +171,20 @@ def _trace(fn, args, kwargs):
                                      for (_, leaf), t in zip(leaves_with_paths, traced)])
     with _module_scopes(_nnx_modules((a, k))):
       out = fn(*a, **k)
-    out_leaves, t = jax.tree.flatten(out)
-    out_tree.append(t)
-    return out_leaves
+    out_leaves, found['out_tree'] = jax.tree.flatten(out)
+    nnx = sys.modules.get('flax.nnx')
+    found['states'], state_arrays = [], []
+    for module in _top_modules((a, k)):
+      state_leaves, state_tree = jax.tree.flatten(nnx.state(module))
+      arrays_here = [leaf for leaf in state_leaves if isinstance(leaf, jax.Array)]
+      found['states'].append((state_tree, [None if isinstance(leaf, jax.Array) else leaf
+                                           for leaf in state_leaves]))
+      state_arrays += arrays_here
+    found['outputs'] = len(out_leaves)
+    return out_leaves + state_arrays
 
   closed = jax.make_jaxpr(flat)(*leaves)
-  return closed, out_tree[0], leaves, params
+  return _Traced(closed, found['out_tree'], found['outputs'], leaves, params, found['states'])
 
 
 # ------------------------------------------------------------------------------------ sites
@@ -674,7 +709,8 @@ def _rng(table, key):
 def coverage(fn: Callable, policy: Policy, *args, **kwargs) -> list[Coverage]:
   """Every GEMM site of `fn(*args, **kwargs)` in trace order: path, role, kind, operand shapes,
   contraction length, and the config `simulate` gives it or why it stays float32."""
-  closed, _, _, params = _trace(fn, args, kwargs)
+  traced = _trace(fn, args, kwargs)
+  closed, params = traced.closed, traced.params
   return list(_sites(closed, params, policy)[0].values())
 
 
@@ -696,14 +732,17 @@ def simulate(fn: Callable, policy: Policy, stats: bool = False) -> Callable:
   check_vma=False these axes are found from in_specs and the body's collectives), calls those of
   the program (not per shard), max_abs_error the largest and rel_error the mean over the shards
   (the whole GEMM's |err|/|ref| when the shards' |ref| are equal). Warns once about sites that no
-  rule matched.
+  rule matched. State that fn updates in the NNX modules it is given (batch statistics, RNG
+  counts, any Variable) is written back into them, as calling fn would (and as nnx.jit carries
+  it out of a jitted call).
   """
   warned = set()
 
   @functools.wraps(fn)
   def simulated_fn(*args, key=None, **kwargs):
-    closed, out_tree, leaves, params = _trace(fn, args, kwargs)
-    table, holds, axes = _sites(closed, params, policy)
+    traced = _trace(fn, args, kwargs)
+    closed = traced.closed
+    table, holds, axes = _sites(closed, traced.params, policy)
     rng = _rng(table, key)
     unmatched = [c.site.path for c in table.values()
                  if c.status.startswith('float32') and c.status != 'float32 (rule)']
@@ -711,9 +750,10 @@ def simulate(fn: Callable, policy: Policy, stats: bool = False) -> Callable:
       warned.update(unmatched)
       warnings.warn(f'lowacc.simulate: {len(unmatched)} of {len(table)} GEMM sites stay float32 '
                     f'by no explicit rule: {", ".join(unmatched)}', stacklevel=2)
-    outs, st = _Interpreter(table, holds, axes, stats).run(closed.jaxpr, closed.consts, leaves,
-                                                            rng)
-    out = jax.tree.unflatten(out_tree, outs)
+    outs, st = _Interpreter(table, holds, axes, stats).run(closed.jaxpr, closed.consts,
+                                                            traced.leaves, rng)
+    traced.write_back(_top_modules((args, kwargs)), outs[traced.outputs:])
+    out = jax.tree.unflatten(traced.out_tree, outs[:traced.outputs])
     return (out, _final(st)) if stats else out
 
   return simulated_fn

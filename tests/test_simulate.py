@@ -625,3 +625,38 @@ def test_bert_equals_apply_policy_forward_and_gradients(rng):
     assert got_loss != loss(nnx.merge(plain_graphdef, params, rest), ids, mask)  # not float32
     for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert_bits_equal(g, e, f'gradient, {ste}')
+
+
+class _TrainMode(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(6, 5, rngs=rngs)
+    self.norm = nnx.BatchNorm(5, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.out = nnx.Linear(5, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.drop(self.norm(self.dense(x))))
+
+
+def test_nnx_state_updates_reach_the_modules(rng):
+  # A train-mode model updates its batch statistics and advances its dropout RNG as it runs:
+  # under simulate, as when called directly with the same GEMMs wired by hand.
+  x = jnp.asarray(rng.standard_normal((4, 6)), jnp.float32)
+  policy = Policy.everywhere(MODEL)
+  by_hand = _TrainMode(nnx.Rngs(0))
+  apply_policy(by_hand, policy)
+  simulated = lambda m, x: simulate(lambda m, x: m(x), policy)(m, x)  # noqa: E731
+  direct = lambda m, x: m(x)  # noqa: E731
+  for name, wrap in (('eager', lambda f: f), ('nnx.jit', nnx.jit)):
+    model, wired = _TrainMode(nnx.Rngs(0)), nnx.clone(by_hand)
+    for step in range(2):  # the second call sees the first's statistics and RNG count
+      assert_bits_equal(wrap(simulated)(model, x), wrap(direct)(wired, x), f'{name} step {step}')
+      for got, want in zip(_raw_state(model), _raw_state(wired), strict=True):
+        assert np.array_equal(got, want), (name, step)
+    assert not np.array_equal(model.norm.mean[...], _TrainMode(nnx.Rngs(0)).norm.mean[...])
+
+
+def _raw_state(model):
+  """The arrays of a model's non-parameter state (batch statistics, RNG keys and counts)."""
+  raw = lambda v: jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v
+  return [np.asarray(raw(v)) for v in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))]
