@@ -74,6 +74,15 @@ def boundary_inputs(fmt: FloatFormat, n: int, seed: int = 0) -> np.ndarray:
   return out[rng.permutation(out.size)]
 
 
+def run_on_host_devices(code: str, devices: int = 2) -> None:
+  """Runs `code` (which prints 'ok' when its checks pass) in a Python subprocess with that many
+  host devices: XLA_FLAGS must be set before jax starts."""
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+
+
 @pytest.fixture
 def rng():
   return np.random.default_rng(1234)

@@ -1,9 +1,6 @@
 """dot_general against the exact oracle, float32 references, and JAX transformations."""
 
 import itertools
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +12,7 @@ import lowacc
 from lowacc import AccumulatorConfig, FloatFormat
 from lowacc.quantize import random_bits
 from tests import oracle
-from tests.conftest import assert_bits_equal
+from tests.conftest import assert_bits_equal, run_on_host_devices
 
 FORMATS = {'M7E4b10': dict(exp_bits=4, man_bits=7, bias=10),
            'M7E4b12': dict(exp_bits=4, man_bits=7, bias=12),
@@ -334,8 +331,4 @@ print('ok')
 
 
 def test_shard_map_explicit_and_automatic_partitioning():
-  # Two host devices need XLA_FLAGS before jax starts: a subprocess.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  out = subprocess.run([sys.executable, '-c', SHARDED_CHECK], env=env, capture_output=True,
-                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+  run_on_host_devices(SHARDED_CHECK)  # one subprocess: one set of compiles

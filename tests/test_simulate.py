@@ -1,9 +1,6 @@
 """lowacc.simulate on code lowacc did not write: every GEMM found, simulated, counted and named."""
 
-import os
 import re
-import subprocess
-import sys
 import warnings
 
 import flax.linen as linen
@@ -20,7 +17,7 @@ from lowacc.models import bert, resnet
 from lowacc.nn import apply_policy
 from lowacc.policy import Policy, Rule
 from lowacc.simulate import coverage, simulate
-from tests.conftest import assert_bits_equal
+from tests.conftest import assert_bits_equal, run_on_host_devices
 
 NARROW = AccumulatorConfig(acc=FloatFormat(3, 3, bias=3, rounding='toward_zero'), chunk_size=4)
 EVERYWHERE = Policy.everywhere(NARROW)
@@ -578,11 +575,7 @@ print('ok')
 
 
 def test_shard_map_is_simulated_and_counted_per_whole_gemm():
-  # Two host devices need XLA_FLAGS before jax starts: a subprocess (one, for one compile set).
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  out = subprocess.run([sys.executable, '-c', SHARD_MAP_CHECK], env=env, capture_output=True,
-                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+  run_on_host_devices(SHARD_MAP_CHECK)  # one subprocess: one set of compiles
 
 
 # ------------------------------------------------------------------ lowacc's own BERT
