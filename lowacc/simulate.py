@@ -151,11 +151,18 @@ class _Traced:
   states: list  # per top module: (its State's treedef, [leaf or None where an array follows])
 
   def write_back(self, modules, values):
+    """Sets the Variables whose value fn replaced (those it left are the very arrays passed in,
+    so a module from outside an enclosing jax transform is written only where fn wrote it)."""
     nnx = sys.modules['flax.nnx']
     values = iter(values)
+    value = lambda v: v.get_value() if isinstance(v, nnx.Variable) else v  # noqa: E731
     for module, (tree, static) in zip(modules, self.states):
-      nnx.update(module, jax.tree.unflatten(tree, [next(values) if leaf is None else leaf
-                                                   for leaf in static]))
+      after = jax.tree.unflatten(tree, [next(values) if leaf is None else leaf for leaf in static])
+      before = dict(nnx.to_flat_state(nnx.state(module)))
+      changed = [(path, v) for path, v in nnx.to_flat_state(after)
+                 if path not in before or value(v) is not value(before[path])]
+      if changed:
+        nnx.update(module, nnx.from_flat_state(changed))
 
 
 def _trace(fn, args, kwargs) -> _Traced:
