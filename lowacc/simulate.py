@@ -183,10 +183,10 @@ def _trace(fn, args, kwargs) -> _Traced:
     found['states'], state_arrays = [], []
     for module in _top_modules((a, k)):
       state_leaves, state_tree = jax.tree.flatten(nnx.state(module))
-      arrays_here = [leaf for leaf in state_leaves if isinstance(leaf, jax.Array)]
-      found['states'].append((state_tree, [None if isinstance(leaf, jax.Array) else leaf
-                                           for leaf in state_leaves]))
-      state_arrays += arrays_here
+      is_array = [isinstance(leaf, jax.Array) for leaf in state_leaves]
+      found['states'].append((state_tree, [None if array else leaf
+                                           for leaf, array in zip(state_leaves, is_array)]))
+      state_arrays += [leaf for leaf, array in zip(state_leaves, is_array) if array]
     found['outputs'] = len(out_leaves)
     return out_leaves + state_arrays
 
