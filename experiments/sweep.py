@@ -5,8 +5,9 @@ python -m experiments.sweep --config=configs/demo.py --model=runs/demo/models/pr
     --out=results/sweep_demo --finetune=M7E4b10,M6E5,M5E4
 
 Axes (--axes), each point otherwise config.accumulator's settings:
-  width     mantissa 3..10 x exponent 3..6 (--mantissas, --exponents), IEEE bias (the paper's
-            zero-shot table)
+  width     mantissa 3..10 x exponent 3..6 (--mantissas, --exponents) at each accumulator bias
+            IEEE + s for s in --bias_shifts (default 0: the IEEE bias; the paper's M7E4b10 is
+            IEEE + 3), the paper's zero-shot table
   bias      M7E4 with accumulator bias 4..14 (the product bias follows, + product_bias_offset)
   chunk     M7E4b10 with chunk sizes 1..128 and one chunk of the whole contraction
   rounding  M7E4b10 with each deterministic rounding mode
@@ -31,6 +32,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 
 import jax
@@ -56,6 +58,8 @@ flags.mark_flags_as_required(['config', 'out'])
 
 flags.DEFINE_list('mantissas', [str(m) for m in range(3, 11)], 'Mantissa bits of the width axis.')
 flags.DEFINE_list('exponents', ['3', '4', '5', '6'], 'Exponent bits of the width axis.')
+flags.DEFINE_list('bias_shifts', ['0'], 'Accumulator biases of the width axis, as shifts from the '
+                  "IEEE bias 2^(E-1)-1 (3: the paper's M7E4b10).")
 
 # The hardware axis's default: the fp16 and bf16 units of four NVIDIA generations (fp32 and fp16
 # outputs) and Hopper's FP8 wgmma, without and with DeepSeek-V3's promotion every 128 products.
@@ -73,11 +77,11 @@ flags.DEFINE_list('int_widths', [str(b) for b in INT_WIDTHS],
 
 
 def axes(mantissas=range(3, 11), exponents=range(3, 7), presets=PRESETS,
-         int_widths=INT_WIDTHS) -> dict[str, list[dict]]:
+         int_widths=INT_WIDTHS, bias_shifts=(0,)) -> dict[str, list[dict]]:
   """Each axis's points: the accumulator settings that differ from config.accumulator's."""
-  mantissas, int_widths = tuple(mantissas), tuple(int_widths)
+  mantissas, exponents, int_widths = tuple(mantissas), tuple(exponents), tuple(int_widths)
   return {
-    'width': [dict(format=f'M{m}E{e}') for e in exponents for m in mantissas],
+    'width': [_width_point(m, e, s) for s in bias_shifts for e in exponents for m in mantissas],
     'bias': [dict(format=f'M7E4b{b}') for b in range(4, 15)],
     'chunk': [dict(format='M7E4b10', chunk_size=c) for c in (1, 2, 4, 8, 16, 32, 64, 128, 0)],
     'rounding': [dict(format='M7E4b10', rounding=r)
@@ -85,6 +89,12 @@ def axes(mantissas=range(3, 11), exponents=range(3, 7), presets=PRESETS,
     'hardware': [dict(format=p) for p in presets],
     'integer': [dict(format=f'INT{b}{o}', chunk_size=0) for o in 'ws' for b in int_widths],
   }
+
+
+def _width_point(man: int, exp: int, shift: int) -> dict:
+  """M<man>E<exp> with the accumulator bias shifted `shift` from the IEEE one."""
+  bias = f'b{2 ** (exp - 1) - 1 + shift}' if shift else ''
+  return dict(format=f'M{man}E{exp}{bias}', bias_shift=shift)
 
 
 def points(names, grid: dict[str, list[dict]]) -> list[dict]:
@@ -266,14 +276,16 @@ def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
   name = config.metric_name
   base = next(r['metric'] for r in rows if r['axis'] == 'baseline')
   out = [f'# {config.name}: accumulator sweep', '', f'float32 baseline {name}: {100 * base:.2f}']
-  width = {r['format']: r['metric'] for r in rows if r['axis'] == 'width'}
-  if width:
-    exps = sorted({int(f.split('E')[1]) for f in width})
-    mans = sorted({int(f[1:].split('E')[0]) for f in width}, reverse=True)
-    out += ['', f'## Zero-shot {name} (%), IEEE bias: mantissa bits (rows) x exponent bits',
+  width = [r for r in rows if r['axis'] == 'width']
+  for shift in sorted({r.get('bias_shift', 0) for r in width}):
+    cells = {_man_exp(r['format']): r['metric'] for r in width if r.get('bias_shift', 0) == shift}
+    exps = sorted({e for _, e in cells})
+    mans = sorted({m for m, _ in cells}, reverse=True)
+    bias = f'IEEE bias + {shift}' if shift else 'IEEE bias'
+    out += ['', f'## Zero-shot {name} (%), {bias}: mantissa bits (rows) x exponent bits',
             '', '| M \\ E | ' + ' | '.join(map(str, exps)) + ' |', '|---' * (len(exps) + 1) + '|']
-    out += [f'| {m} | ' + ' | '.join(f"{100 * width[f'M{m}E{e}']:.2f}" for e in exps) + ' |'
-            for m in mans]
+    out += [f'| {m} | ' + ' | '.join(f'{100 * cells[m, e]:.2f}' if (m, e) in cells else '-'
+                                     for e in exps) + ' |' for m in mans]
   for axis, field in (('bias', 'format'), ('chunk', 'chunk_size'), ('rounding', 'rounding')):
     axis_rows = [r for r in rows if r['axis'] == axis]
     if axis_rows:
@@ -300,6 +312,11 @@ def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
             f"{100 * t['zero_shot']:.2f} | {100 * t['stage1']:.2f} | {100 * t['stage2']:.2f} |"
             for t in tuned]
   return '\n'.join(out) + '\n'
+
+
+def _man_exp(fmt: str) -> tuple[int, int]:
+  man, exp = re.fullmatch(r'M(\d+)E(\d+)(?:b\d+)?', fmt).groups()
+  return int(man), int(exp)
 
 
 def sweep(config, model_path: str, names, grid, finetune_formats, procs: int,
@@ -332,7 +349,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   grid = axes(cli.integers('mantissas', FLAGS.mantissas),
               cli.integers('exponents', FLAGS.exponents), FLAGS.presets,
-              cli.integers('int_widths', FLAGS.int_widths))
+              cli.integers('int_widths', FLAGS.int_widths),
+              cli.integers('bias_shifts', FLAGS.bias_shifts))
   sweep(FLAGS.config, FLAGS.model, FLAGS.axes, grid, FLAGS.finetune, FLAGS.procs,
         FLAGS.stats_examples, FLAGS.out)
   print(f'wrote {FLAGS.out}.json and {FLAGS.out}.md')

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -107,6 +108,16 @@ def test_the_width_axis_is_the_full_grid():
   assert len(width) == 8 * 4 and {'M3E3', 'M10E3', 'M3E6', 'M10E6', 'M7E4'} <= set(width)
   once = sweep.axes(iter([3, 4]), iter([4, 5]))['width']  # iterators, as the flags give them
   assert [p['format'] for p in once] == ['M3E4', 'M4E4', 'M3E5', 'M4E5']
+
+
+def test_the_width_axis_shifts_the_ieee_bias_and_reports_a_table_per_shift():
+  width = sweep.axes([7], [4, 5], bias_shifts=iter([0, 3]))['width']
+  assert [p['format'] for p in width] == ['M7E4', 'M7E5', 'M7E4b10', 'M7E5b18']
+  rows = [dict(axis='baseline', format='float32', metric=0.9)] + [
+      dict(p, axis='width', metric=m) for p, m in zip(width, (0.1, 0.2, 0.3, 0.4))]
+  table = sweep.markdown(ml_collections.ConfigDict(dict(name='n', metric_name='accuracy')), rows, [])
+  ieee, shifted = table.split('IEEE bias + 3')
+  assert '| 7 | 10.00 | 20.00 |' in ieee and '| 7 | 30.00 | 40.00 |' in shifted
 
 
 def test_sweep_names_an_unknown_axis():
