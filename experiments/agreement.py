@@ -168,7 +168,7 @@ class Agreement:
     log_p, log_q = _log_softmax(ref['logits']), _log_softmax(sim['logits'])
     kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
     row = dict(point, bits=reporting.bits(fmt), metric=top1, top1=top1,
-               top1_se=math.sqrt(top1 * (1 - top1) / len(correct)), labelled=len(correct),
+               top1_se=reporting.binomial_se(top1, len(correct)), labelled=len(correct),
                inputs=len(agree), photos=len(np.unique(ref['photo'])))
     for name, x in (('agreement', agree), ('kl', kl)):
       row[name] = float(x.mean())
@@ -212,13 +212,6 @@ def by_kind(counters: dict[str, dict]) -> dict[str, dict]:
           for key, g in sorted(groups.items())}
 
 
-def _pm(value, se, scale=100.0, digits=2) -> str:
-  if value is None:
-    return 'n/a'
-  return f'{scale * value:.{digits}f} +- {scale * se:.{digits}f}' if se is not None \
-      else f'{scale * value:.{digits}f}'
-
-
 def markdown(config, rows: list[dict], inputs: int, stats_examples: int) -> str:
   """The results as tables: per format top-1, agreement and KL; per format and layer kind the
   telemetry."""
@@ -228,9 +221,9 @@ def markdown(config, rows: list[dict], inputs: int, stats_examples: int) -> str:
          f"{base['labelled']} labelled photos. Standard errors: binomial for top-1, clustered by "
          'photo for agreement and KL.', '',
          '| accumulator | bits | top-1 (%) | agreement (%) | KL (nats) |', '|---|---|---|---|---|']
-  out += [f"| {r['format']} | {r['bits']} | {_pm(r['top1'], r['top1_se'])} | "
-          f"{_pm(r['agreement'], r['agreement_se'])} | "
-          f"{_pm(r['kl'], r['kl_se'], scale=1.0, digits=4)} |" for r in rows]
+  out += [f"| {r['format']} | {r['bits']} | {reporting.plus_minus(r['top1'], r['top1_se'])} | "
+          f"{reporting.plus_minus(r['agreement'], r['agreement_se'])} | "
+          f"{reporting.plus_minus(r['kl'], r['kl_se'], scale=1.0, digits=4)} |" for r in rows]
   kinds = {k: by_kind(r['counters']) for r in rows if r['counters'] for k in [r['format']]}
   if kinds:
     names = sorted({k for groups in kinds.values() for k in groups})

@@ -3,6 +3,7 @@ accuracy.png (accuracy against accumulator width, the paper's zero-shot table as
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -72,6 +73,20 @@ def bits(fmt: str) -> int:
   if fmt.startswith('INT'):
     return IntFormat.parse(fmt).bits
   return FloatFormat.parse(fmt).width
+
+
+def binomial_se(p: float, n: int) -> float:
+  """The standard error of an accuracy p measured on n independent examples: sqrt(p(1-p)/n)."""
+  return math.sqrt(p * (1 - p) / n)
+
+
+def plus_minus(value, se, scale=100.0, digits=2) -> str:
+  """'85.10 +- 0.50' (value and standard error times scale); without the error where se is None,
+  'n/a' where the value is."""
+  if value is None:
+    return 'n/a'
+  return f'{scale * value:.{digits}f} +- {scale * se:.{digits}f}' if se is not None \
+      else f'{scale * value:.{digits}f}'
 
 
 def table(results: dict, metric: str) -> str:

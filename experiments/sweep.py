@@ -190,7 +190,8 @@ class Evaluator:
       self.model.eval()
       layers = rates(layer_stats(self.model, policy, *self.task.inputs(self.stats_batch)))
       self.model.train()
-    return dict(point, bits=reporting.bits(fmt), metric=metric, layers=layers)
+    return dict(point, bits=reporting.bits(fmt), metric=metric,
+                examples=self.task.eval_size(self.config), layers=layers)
 
 
 _WORKER = None
@@ -272,10 +273,18 @@ def _key(point: dict) -> str:
 
 
 def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
-  """The sweep as tables: the width grid pivoted (mantissa x exponent), the other axes as lists."""
+  """The sweep as tables: the width grid pivoted (mantissa x exponent), the other axes as lists.
+  An accuracy shows its binomial standard error where the rows say how many examples scored it."""
   name = config.metric_name
-  base = next(r['metric'] for r in rows if r['axis'] == 'baseline')
-  out = [f'# {config.name}: accumulator sweep', '', f'float32 baseline {name}: {100 * base:.2f}']
+  base = next(r for r in rows if r['axis'] == 'baseline')
+  n = base.get('examples') if name == 'accuracy' else None
+
+  def pm(metric):
+    return reporting.plus_minus(metric, n and reporting.binomial_se(metric, n))
+
+  out = [f'# {config.name}: accumulator sweep', '',
+         f"float32 baseline {name}: {pm(base['metric'])}"
+         + (f' ({n} examples; +- is the binomial standard error)' if n else '')]
   width = [r for r in rows if r['axis'] == 'width']
   for shift in sorted({r.get('bias_shift', 0) for r in width}):
     cells = {_man_exp(r['format']): r['metric'] for r in width if r.get('bias_shift', 0) == shift}
@@ -284,33 +293,32 @@ def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
     bias = f'IEEE bias + {shift}' if shift else 'IEEE bias'
     out += ['', f'## Zero-shot {name} (%), {bias}: mantissa bits (rows) x exponent bits',
             '', '| M \\ E | ' + ' | '.join(map(str, exps)) + ' |', '|---' * (len(exps) + 1) + '|']
-    out += [f'| {m} | ' + ' | '.join(f'{100 * cells[m, e]:.2f}' if (m, e) in cells else '-'
+    out += [f'| {m} | ' + ' | '.join(pm(cells[m, e]) if (m, e) in cells else '-'
                                      for e in exps) + ' |' for m in mans]
   for axis, field in (('bias', 'format'), ('chunk', 'chunk_size'), ('rounding', 'rounding')):
     axis_rows = [r for r in rows if r['axis'] == axis]
     if axis_rows:
       out += ['', f'## Zero-shot {name} (%) against {axis}, M7E4', '', f'| {field} | {name} |',
               '|---|---|']
-      out += [f"| {r[field] if r[field] != 0 else 'none'} | {100 * r['metric']:.2f} |"
+      out += [f"| {r[field] if r[field] != 0 else 'none'} | {pm(r['metric'])} |"
               for r in axis_rows]
   hardware = [r for r in rows if r['axis'] == 'hardware']
   if hardware:
     out += ['', f'## Zero-shot {name} (%) under matrix-unit presets', '',
             f'| preset | {name} |', '|---|---|']
-    out += [f"| {r['format']} | {100 * r['metric']:.2f} |" for r in hardware]
+    out += [f"| {r['format']} | {pm(r['metric'])} |" for r in hardware]
   integer = {r['format']: r['metric'] for r in rows if r['axis'] == 'integer'}
   if integer:
     widths = sorted({int(f[3:-1]) for f in integer})
     out += ['', f'## Zero-shot {name} (%) of an integer accumulator over int8 inputs', '',
             '| bits | wrap | saturate |', '|---|---|---|']
-    out += ['| '.join([f'| {b} '] + [f'{100 * integer[f]:.2f} ' if f in integer else '- '
+    out += ['| '.join([f'| {b} '] + [f'{pm(integer[f])} ' if f in integer else '- '
                                       for f in (f'INT{b}w', f'INT{b}s')]) + '|' for b in widths]
   if tuned:
     out += ['', f'## Two-stage fine-tuning ({name}, %)', '',
             '| accumulator | bits | float32 | zero-shot | stage 1 | stage 2 |', '|---' * 6 + '|']
-    out += [f"| {t['format']} | {t['bits']} | {100 * t['baseline']:.2f} | "
-            f"{100 * t['zero_shot']:.2f} | {100 * t['stage1']:.2f} | {100 * t['stage2']:.2f} |"
-            for t in tuned]
+    out += [f"| {t['format']} | {t['bits']} | " + ' | '.join(
+        pm(t[k]) for k in ('baseline', 'zero_shot', 'stage1', 'stage2')) + ' |' for t in tuned]
   return '\n'.join(out) + '\n'
 
 

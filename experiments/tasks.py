@@ -57,6 +57,11 @@ class _Task:
                                 transform=self.transform(train=True), shuffle=True, seed=seed,
                                 start_step=start_step)
 
+  def eval_size(self, config) -> int:
+    """The number of examples eval_batches yields."""
+    n, limit = len(self.sources(config)[1]), config.data.max_eval_examples
+    return min(n, limit) if limit else n
+
   def eval_batches(self, config):
     source = _subset(self.sources(config)[1], config.data.max_eval_examples)
     batches = pipeline.make_loader(source, batch_size=config.data.eval_batch_size,

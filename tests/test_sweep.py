@@ -79,6 +79,8 @@ def test_sweep_scores_each_point_once_in_parallel_as_serially_and_resumes(small_
     assert all(0 <= v <= 1 for layer in r['layers'].values() for v in layer.values())
   baseline = train.evaluate(task, model, float32, train.policy_for(float32), 'float32')
   assert rows[0]['metric'] == baseline
+  scored = sum(int(batch['valid'].sum()) for batch in task.eval_batches(float32))
+  assert all(r['examples'] == scored for r in rows)
   # The telemetry is the exported model's on the first 4 evaluation inputs, in eval mode.
   batch = next(iter(task.eval_batches(float32)))
   model.eval()
@@ -115,9 +117,14 @@ def test_the_width_axis_shifts_the_ieee_bias_and_reports_a_table_per_shift():
   assert [p['format'] for p in width] == ['M7E4', 'M7E5', 'M7E4b10', 'M7E5b18']
   rows = [dict(axis='baseline', format='float32', metric=0.9)] + [
       dict(p, axis='width', metric=m) for p, m in zip(width, (0.1, 0.2, 0.3, 0.4))]
-  table = sweep.markdown(ml_collections.ConfigDict(dict(name='n', metric_name='accuracy')), rows, [])
-  ieee, shifted = table.split('IEEE bias + 3')
+  config = ml_collections.ConfigDict(dict(name='n', metric_name='accuracy'))
+  ieee, shifted = sweep.markdown(config, rows, []).split('IEEE bias + 3')
   assert '| 7 | 10.00 | 20.00 |' in ieee and '| 7 | 30.00 | 40.00 |' in shifted
+  # With the examples counted, each accuracy p carries sqrt(p (1 - p) / n): 100 examples here.
+  ieee, shifted = sweep.markdown(config, [dict(r, examples=100) for r in rows], []).split('+ 3')
+  assert 'baseline accuracy: 90.00 +- 3.00 (100 examples' in ieee
+  assert '| 7 | 10.00 +- 3.00 | 20.00 +- 4.00 |' in ieee
+  assert '| 7 | 30.00 +- 4.58 | 40.00 +- 4.90 |' in shifted
 
 
 def test_sweep_names_an_unknown_axis():
