@@ -13,7 +13,8 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'notebooks', '*.ipynb')))
-AGREEMENT, HARDWARE = '05_agreement.ipynb', '06_hardware_integer.ipynb'
+WIDTH, AGREEMENT, HARDWARE = ('01_accuracy_vs_width.ipynb', '05_agreement.ipynb',
+                              '06_hardware_integer.ipynb')
 HOPPER_FP8 = 'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3'
 # The notebooks print percentages with 2 decimals and KL with 4: a shown number is the file's
 # rounded, so it is within half a unit of its last digit.
@@ -54,11 +55,30 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize('path', [p for p in NOTEBOOKS if os.path.basename(p) not in
-                                  (AGREEMENT, HARDWARE)], ids=os.path.basename)
+                                  (WIDTH, AGREEMENT, HARDWARE)], ids=os.path.basename)
 def test_notebook_runs_on_a_small_run(path, small_results, tmp_path, monkeypatch):
   root, _ = small_results
   _, figures = _execute(path, root, tmp_path, monkeypatch)
   assert figures, 'the notebook saved no figure'
+
+
+def test_width_notebook_shows_the_small_runs_fine_tuning(small_results, tmp_path, monkeypatch):
+  root, _ = small_results
+  printed, figures = _execute(_path(WIDTH), root, tmp_path, monkeypatch)
+  assert figures == ['finetune.png', 'finetune_loss.png', 'zero_shot_width.png']
+  tuned, = json.load(open(root / 'sweep_demo.json'))['finetune']
+  n = _points(str(root / 'sweep_demo'))[0]['examples']
+  shown = re.search(r'^demo +M5E4 +float32 +([\d.]+) \+- ([\d.]+)  zero-shot', printed, re.M)
+  p = tuned['baseline']
+  assert _close(shown[1], p, 2) and _close(shown[2], (p * (1 - p) / n) ** 0.5, 2)
+  with open(root / 'sweep_demo_finetune' / 'M5E4' / 'metrics.jsonl') as f:
+    logged = [json.loads(line) for line in f]
+  for phase in ('stage1', 'stage2'):
+    loss = [r['loss'] for r in logged if r['phase'] == phase]
+    count, first, last = re.search(rf'^demo +M5E4 +{phase}: (\d+) logged steps, loss ([\d.]+) -> '
+                                   r'([\d.]+)', printed, re.M).groups()
+    assert int(count) == len(loss)
+    assert _close(first, loss[0], 4, scale=1) and _close(last, loss[-1], 4, scale=1)
 
 
 # The kinds experiments.agreement gives the small run's simulated layers (conftest.AGREEMENT_SKIP).
