@@ -32,7 +32,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import time
 
 import jax
@@ -42,6 +41,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import cli, reporting, state, train
+from lowacc.formats import FloatFormat
 from lowacc.nn import layer_stats, rates
 
 FLAGS = flags.FLAGS
@@ -179,6 +179,7 @@ class Evaluator:
     self.task, self.model = train.build(self.config)
     batch = next(iter(self.task.eval_batches(self.config)))
     self.stats_batch = {k: np.asarray(v)[:stats_examples] for k, v in batch.items()}
+    self.examples = self.task.eval_size(self.config)
 
   def __call__(self, point: dict) -> dict:
     config = configure(self.config, point)
@@ -191,7 +192,7 @@ class Evaluator:
       layers = rates(layer_stats(self.model, policy, *self.task.inputs(self.stats_batch)))
       self.model.train()
     return dict(point, bits=reporting.bits(fmt), metric=metric,
-                examples=self.task.eval_size(self.config), layers=layers)
+                examples=self.examples, layers=layers)
 
 
 _WORKER = None
@@ -287,7 +288,8 @@ def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
          + (f' ({n} examples; +- is the binomial standard error)' if n else '')]
   width = [r for r in rows if r['axis'] == 'width']
   for shift in sorted({r.get('bias_shift', 0) for r in width}):
-    cells = {_man_exp(r['format']): r['metric'] for r in width if r.get('bias_shift', 0) == shift}
+    cells = {(f.man_bits, f.exp_bits): r['metric'] for r in width
+             if r.get('bias_shift', 0) == shift for f in [FloatFormat.parse(r['format'])]}
     exps = sorted({e for _, e in cells})
     mans = sorted({m for m, _ in cells}, reverse=True)
     bias = f'IEEE bias + {shift}' if shift else 'IEEE bias'
@@ -320,11 +322,6 @@ def markdown(config, rows: list[dict], tuned: list[dict]) -> str:
     out += [f"| {t['format']} | {t['bits']} | " + ' | '.join(
         pm(t[k]) for k in ('baseline', 'zero_shot', 'stage1', 'stage2')) + ' |' for t in tuned]
   return '\n'.join(out) + '\n'
-
-
-def _man_exp(fmt: str) -> tuple[int, int]:
-  man, exp = re.fullmatch(r'M(\d+)E(\d+)(?:b\d+)?', fmt).groups()
-  return int(man), int(exp)
 
 
 def sweep(config, model_path: str, names, grid, finetune_formats, procs: int,
