@@ -23,6 +23,8 @@ FMA = lowacc.PAPER_M7E4  # the paper's FMAq with product rounding
 _NEAREST = dict(rounding='nearest_even')
 FMA_NEAREST = FMA.replace(acc=FMA.acc.replace(**_NEAREST), product=FMA.product.replace(**_NEAREST))
 CHUNK_PRODUCT = lowacc.PAPER_M7E4.replace(order='chunk')  # each product rounded, then chunk sums
+_NONE = dict(underflow='none')  # the paper's fine-tuning stage 1: "without underflow"
+FMA_STAGE1 = FMA.replace(acc=FMA.acc.replace(**_NONE), product=FMA.product.replace(**_NONE))
 
 
 def keep_freed_memory():
@@ -95,6 +97,7 @@ def gemm(n=1024):
   slow = best_times({'float32': (jax.jit(jnp.dot), (x, w)),
                      **{name: (jax.jit(lambda a, b, cfg=cfg: lowacc.matmul(a, b, cfg)), (x, w))
                         for name, cfg in (('fma', FMA), ('fma nearest', FMA_NEAREST),
+                                          ('fma stage 1', FMA_STAGE1),
                                           ('chunk product', CHUNK_PRODUCT))}}, repeats=3)
   macs = n ** 3
   return {f'gemm{n} chunk fwd': dict(ratio=t['chunk'] / t['float32'],
@@ -107,6 +110,9 @@ def gemm(n=1024):
                                    gmac_per_s=macs / slow['fma'] / 1e9),
           f'gemm{n} fma fwd, nearest_even': dict(ratio=slow['fma nearest'] / slow['float32'],
                                                  gmac_per_s=macs / slow['fma nearest'] / 1e9),
+          f'gemm{n} fma fwd, underflow none (stage 1)': dict(
+              ratio=slow['fma stage 1'] / slow['float32'],
+              gmac_per_s=macs / slow['fma stage 1'] / 1e9),
           f'gemm{n} chunk fwd, product rounding': dict(
               ratio=slow['chunk product'] / slow['float32'],
               gmac_per_s=macs / slow['chunk product'] / 1e9)}

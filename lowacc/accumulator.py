@@ -31,7 +31,11 @@ def two_sum(a, b, down=False):
   """(s, e) with s = float32_sum(a, b, down) and s + e = a + b exactly (Knuth's TwoSum).
 
   An infinite operand gives e = 0 (the sum is exactly infinite); a finite sum beyond float32
-  gives s = +-inf with e = NaN, which `round_exact` overflows as a finite value.
+  gives s = +-inf with e = NaN, which `round_exact` overflows as a finite value. Where the CPU
+  flushes float32 subnormals (XLA does), an error below 2^-126 is lost (e = 0): that needs an
+  operand with bits below 2^-126 beside a sum above 2^-102, i.e. underflow 'none' or float32
+  products that small (test_native's test_directed_steps_equal_exact_oracle_at_float32s_ends has
+  such chains, which the native kernel's directed steps round exactly).
   """
   s = float32_sum(a, b, down)
   bb = s - a

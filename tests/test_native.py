@@ -343,6 +343,35 @@ def test_paper_preset_specials_equal_xla_path_and_oracle():
   assert not np.signbit(zeros[~np.isnan(zeros)]).any()  # +0: the chain starts at +0
 
 
+@pytest.mark.parametrize('rounding', ('toward_zero', 'up', 'down'))
+def test_directed_steps_equal_exact_oracle_at_float32s_ends(rounding):
+  # A directed acc rounds each inexact step's float32 sum in its own direction (chunk_dot.cc's
+  # DirectedStep) instead of taking TwoSum. Where that could differ, at both ends of float32:
+  # - underflow 'none' (the paper's stage 1) with float32 products (24 bits) below 2^-102,
+  #   where TwoSum's error is a float32 subnormal, which the CPU flushes; the first two rows are
+  #   2^-100 - (2^-108 + 2^-131), whose exact truncation is one grid point below fl32's;
+  # - an acc near float32's top (E8 M7), whose sums exceed float32: the float32 sum is then
+  #   float32's max or an infinity, which must overflow as the exact sum.
+  rng = np.random.default_rng(14)
+  stage1 = lowacc.PAPER_ACC.replace(rounding=rounding, underflow='none')
+  x = np.ldexp(1 + rng.integers(0, 2 ** 23, (1, 8, 13)) / 2 ** 23,
+               rng.integers(-126, -100, (1, 8, 13))) * rng.choice([-1, 1], (1, 8, 13))
+  x[0, :, 0] = np.ldexp(1 + rng.integers(0, 128, 8) / 128, rng.integers(-104, -95, 8))
+  x[0, :2, :2] = [[2.0 ** -100, -(2.0 ** -108 + 2.0 ** -131)],
+                  [-2.0 ** -100, 2.0 ** -108 + 2.0 ** -131]]
+  top = np.ldexp(1 + rng.integers(0, 128, (1, 8, 13)) / 128, rng.integers(120, 128, (1, 8, 13)))
+  top *= rng.choice([-1, 1], top.shape)
+  ones = np.ones((1, 13, 3), np.float32)
+  cases = [(stage1, None, x), (stage1, stage1.replace(bias=12), x)]
+  cases += [(FloatFormat(8, 7, bias, rounding=rounding, underflow=u, overflow=o), None, top)
+            for o, bias, u in (('inf', 127, 'none'), ('saturate', 128, 'none'))]
+  for acc, product, v in cases:
+    cfg = AccumulatorConfig(acc=acc, product=product, chunk_size=None, combine=None)
+    assert native.supports(cfg) and not native.exact_sum(acc, product), cfg
+    v = v.astype(np.float32)
+    assert_bits_equal(native.dot(v, ones, cfg), oracle_dot(v, ones, cfg)[0], f'{cfg}')
+
+
 @pytest.mark.parametrize('rounding', ROUNDINGS)
 def test_fast_path_only_where_sums_are_exact(rounding):
   # Products down to 2^-23 meet an accumulator near 2^5, whose float32 ulp is 2^-18: there

@@ -16,8 +16,11 @@
 // sets them on the CPU) every nonzero sum is a float32 normal, so a rounding drops exactly
 // 23 - man_bits significand bits: the fixed-mask rounding of lowacc.quantize.round_exact.
 // Where lowacc.kernels.native.exact_sum proves every float32 sum of a step exact, the step skips
-// TwoSum and the sticky bit (Step); where lowacc.kernels.native.scaled holds (the paper's preset),
-// order 'fma' carries values scaled so that flush-to-zero flushes them (ScaledFormat).
+// TwoSum and the sticky bit (Step); elsewhere a directed acc rounding (toward_zero, up, down)
+// rounds the float32 sum in its own direction instead (DirectedStep: the paper's stage 1, with
+// underflow 'none', and every E5 accumulator); where lowacc.kernels.native.scaled holds (the
+// paper's preset), order 'fma' carries values scaled so that flush-to-zero flushes them
+// (ScaledFormat).
 
 #include <immintrin.h>
 
@@ -60,6 +63,9 @@ struct Format {
   __mmask16 keep_inf;
   bool saturate;
   bool m0;
+  // A directed rounding (toward_zero, up, down) that overflows to a format limit: a step may
+  // round the float32 sum in the same direction instead of taking TwoSum (DirectedStep).
+  bool directed;
   int64_t rounding;
 
   static Format Of(ffi::Span<const int64_t> f) {
@@ -76,6 +82,7 @@ struct Format {
     r.saturate = f[2] == kSaturate;
     r.m0 = f[0] == 0;
     r.keep_inf = r.saturate ? 0 : 0xFFFF;
+    r.directed = r.rounding != kNearestEven && f[2] != kOverflowNone;
     // IEEE 754's directed-rounding rule: toward_zero gives +-max_normal, `down` +max_normal for
     // positive results and `up` -max_normal for negative ones; +-max_normal under 'saturate'.
     const bool saturate = f[2] == kSaturate, tz = r.rounding == kTowardZero;
@@ -196,9 +203,11 @@ LOWACC_AVX512 inline void Round(__m512* v, const __m512* lo, const Format& f) {
 
 // a + b as lowacc.dot.float32_sum: an exact zero sum is -0 when a and b are both -0 (or, under
 // `down`, when either is negative), else +0. `fix`=false skips that where the caller has proven
-// plain IEEE addition gives the same bits (see Step).
+// plain IEEE addition gives the same bits (see Step). kMode: the float32 addition's rounding
+// (_MM_FROUND_CUR_DIRECTION: MXCSR's nearest-even; a directed one for DirectedStep).
+template <int kMode = _MM_FROUND_CUR_DIRECTION>
 LOWACC_AVX512 inline __m512 Sum(__m512 a, __m512 b, bool down, bool fix = true) {
-  const __m512 hi = _mm512_add_ps(a, b);
+  const __m512 hi = _mm512_add_round_ps(a, b, kMode);
   if (!fix) return hi;
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
   const __m512 zero = _mm512_and_ps(down ? _mm512_or_ps(a, b) : _mm512_and_ps(a, b), sign);
@@ -240,6 +249,31 @@ LOWACC_AVX512 inline void Step(__m512* s, const __m512* u, const Format& f, bool
     s[i] = hi;
   }
   Round<kR, kO, true, n>(s, lo, f);
+}
+
+// Step for a directed rounding kR (toward_zero, up or down) of a format with f.directed: the
+// float32 sum rounded in kR's direction, then rounded into f alone, without TwoSum.
+// Why that is the exact rounding: a directed rounding R onto a grid G composes with the same
+// directed rounding onto any grid containing G (R_G(R_F(v)) = R_G(v): R_F(v) lies between v and
+// R_G(v), since R_G(v) is in F, and no point of G lies strictly between v and R_F(v)). A float32
+// normal result's binade holds f's grid for that binade (man_bits <= 23), and so does every
+// binade above, up to f's overflow limit, which f.directed requires to be a format limit below
+// float32's: a finite sum beyond float32 rounds to float32's max (toward_zero, or away from the
+// rounding's direction) or to an infinity (toward it), and Round overflows either as the exact
+// sum. Sums below float32's normals are exact (every operand is a multiple of 2^-149, the sum
+// below 2^-125 then fits 24 bits), flushed by FTZ to a zero that Sum's fix signs as
+// float32_sum does; an exact zero sum is already signed so by IEEE 754 in a directed mode
+// (x + -x is -0 only toward -inf). Infinities and NaN add exactly in every mode.
+template <int64_t kR, int64_t kO, int n>
+LOWACC_AVX512 inline void DirectedStep(__m512* s, const __m512* u, const Format& f) {
+  static_assert(kR == kTowardZero || kR == kUp || kR == kDown);
+  constexpr int kMode = (kR == kTowardZero ? _MM_FROUND_TO_ZERO
+                         : kR == kUp       ? _MM_FROUND_TO_POS_INF
+                                           : _MM_FROUND_TO_NEG_INF) |
+                        _MM_FROUND_NO_EXC;
+#pragma GCC unroll 16
+  for (int i = 0; i < n; ++i) s[i] = Sum<kMode>(s[i], u[i], kR == kDown);
+  Round<kR, kO, false, n>(s, s, f);
 }
 
 // The scaled path of order 'fma' (where lowacc.kernels.native.scaled says): acc and product
@@ -363,12 +397,16 @@ void SetScaled(Problem& p) {
   p.unscale = ScaledFormat::Pow2(-a);
 }
 
-// The inner chains of one chunk, products k0 .. k1 - 1, in c (2R vectors). kExact: p.exact_step
+// How an order 'fma' step adds (Inner): the float32 sum alone where p.exact_step, the float32
+// sum in the acc's direction where p.acc.directed (DirectedStep), else TwoSum.
+enum StepKind { kTwoSum, kExactSum, kDirectedSum };
+
+// The inner chains of one chunk, products k0 .. k1 - 1, in c (2R vectors). kStep: the StepKind
 // (order 'fma'), fixed here so that the loop has no branch (about 12% faster than testing it per
 // row). kScaled: the scaled path (ScaledFormat), c in the acc's scale; kFinite: its operands
 // are finite.
 template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
-          bool kExact, bool kScaled, bool kFinite>
+          StepKind kStep, bool kScaled, bool kFinite>
 LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
     const Problem& p, const float* const* xr, const float* wp, __m512* c, int64_t k0,
     int64_t k1) {
@@ -392,8 +430,10 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
       }
       __m512 u[2] = {_mm512_mul_ps(xv, w0), _mm512_mul_ps(xv, w1)};  // p_k of _Chain.products
       if constexpr (kProdR != kNoProduct) Round<kProdR, kProdO, false, 2>(u, u, p.product);
-      if constexpr (kFma) {
-        Step<kAccR, kAccO, 2>(c + 2 * r, u, p.acc, kExact);
+      if constexpr (kFma && kStep == kDirectedSum) {
+        DirectedStep<kAccR, kAccO, 2>(c + 2 * r, u, p.acc);
+      } else if constexpr (kFma) {
+        Step<kAccR, kAccO, 2>(c + 2 * r, u, p.acc, kStep == kExactSum);
       } else {
         c[2 * r] = _mm512_add_ps(c[2 * r], u[0]);
         c[2 * r + 1] = _mm512_add_ps(c[2 * r + 1], u[1]);
@@ -421,14 +461,19 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
     __m512 c[kVectors];
 #pragma GCC unroll 16
     for (int i = 0; i < kVectors; ++i) c[i] = _mm512_setzero_ps();
+    constexpr bool kDirected = kFma && (kAccR == kTowardZero || kAccR == kUp || kAccR == kDown);
     if constexpr (kScaled) {
-      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, true, true, kFinite>(p, xr, wp, c, k0, k1);
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kExactSum, true, kFinite>(p, xr, wp, c, k0,
+                                                                             k1);
 #pragma GCC unroll 16
       for (int i = 0; i < kVectors; ++i) c[i] = _mm512_mul_ps(c[i], _mm512_set1_ps(p.unscale));
     } else if (kFma && p.exact_step) {
-      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kFma, false, false>(p, xr, wp, c, k0, k1);
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kExactSum, false, false>(p, xr, wp, c, k0, k1);
+    } else if (kDirected && p.acc.directed) {
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kDirected ? kDirectedSum : kTwoSum, false,
+            false>(p, xr, wp, c, k0, k1);
     } else {
-      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, false, false, false>(p, xr, wp, c, k0, k1);
+      Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kTwoSum, false, false>(p, xr, wp, c, k0, k1);
     }
     constexpr int kGroup = 4;  // vectors rounded together: their dependency chains overlap
 #pragma GCC unroll 16

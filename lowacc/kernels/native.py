@@ -136,7 +136,9 @@ def exact_sum(a: Optional[FloatFormat], b: Optional[FloatFormat]) -> bool:
   Only exact sums take the fast path: where a float32 sum can be inexact, rounding it and then
   rounding into the format is not the exact rounding in general (under toward_zero, a + b with
   b negative and below half a float32 ulp of a rounds back to a, whose truncation is a, while
-  the exact truncation is the grid point below a), so those pairs run TwoSum with a sticky bit.
+  the exact truncation is the grid point below a), so those pairs run TwoSum with a sticky bit,
+  or, for a directed acc rounding, the float32 sum rounded in the same direction (chunk_dot.cc's
+  DirectedStep).
   A wider criterion (b's smallest normal above half a float32 ulp of any a, so that float32
   rounding keeps the sticky information) would admit more pairs, e.g. M7E4b10 with an M7E4b13
   product, where the tests found the two paths equal; it is not proven here, so not used.
