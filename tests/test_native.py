@@ -343,6 +343,23 @@ def test_paper_preset_specials_equal_xla_path_and_oracle():
   assert not np.signbit(zeros[~np.isnan(zeros)]).any()  # +0: the chain starts at +0
 
 
+def test_skinny_products_run_transposed_with_the_same_bits():
+  # A depthwise convolution's GEMM has one column; the kernel computes y^T = w^T x^T instead,
+  # whose register tiles are full (native._transposed_is_faster). Boundary operands, under vmap
+  # too, against the XLA path.
+  assert native._transposed_is_faster(12544, 1) and native._transposed_is_faster(70, 5)
+  assert not native._transposed_is_faster(6, 35) and not native._transposed_is_faster(64, 64)
+  for n, cfg in ((1, lowacc.PAPER_M7E4), (5, kernel_config('fma', 'up', 'none', 'inf', 1)),
+                 (1, kernel_config('chunk', 'nearest_even', 'flush', 'saturate', 2))):
+    x, w = boundary_operands(cfg, n)
+    x = np.concatenate([x] * 12, axis=1)[:, :70]  # 70 rows
+    w = w[:, :, :n]
+    assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), f'{cfg} n={n}')
+    xs, ws = np.stack([x, -x]), np.stack([w, w[:, :, ::-1]])
+    assert_bits_equal(jax.vmap(lambda a, b: native.dot(a, b, cfg))(xs, ws),
+                      np.stack([xla_path(cfg, a, b) for a, b in zip(xs, ws)]), f'{cfg} vmap')
+
+
 @pytest.mark.parametrize('rounding', ('toward_zero', 'up', 'down'))
 def test_directed_steps_equal_exact_oracle_at_float32s_ends(rounding):
   # A directed acc rounds each inexact step's float32 sum in its own direction (chunk_dot.cc's

@@ -198,7 +198,19 @@ def dot(x, w, cfg: AccumulatorConfig):
   if not supports(cfg):
     raise ValueError(f'lowacc.kernels.native.dot: not supported here: {cfg} '
                      f'(kernel available: {available()})')
-  return _batched_call(cfg)(jax.lax.stop_gradient(x), jax.lax.stop_gradient(w))
+  x, w = jax.lax.stop_gradient(x), jax.lax.stop_gradient(w)
+  if _transposed_is_faster(x.shape[1], w.shape[2]):
+    return jnp.swapaxes(_batched_call(cfg)(jnp.swapaxes(w, 1, 2), jnp.swapaxes(x, 1, 2)), 1, 2)
+  return _batched_call(cfg)(x, w)
+
+
+def _transposed_is_faster(m: int, n: int) -> bool:
+  """Whether y^T = w^T x^T takes at most half the kernel's register tiles (4 rows by 32
+  columns) that y = x w takes, as for a depthwise convolution (n = 1), whose single column would
+  leave 31 of a tile's 32 lanes idle. Its bits are y's: the chain of each output element adds the
+  same products, fl32(x w) = fl32(w x), in the same order."""
+  tiles = lambda rows, cols: -(-rows // 4) * -(-cols // 32)
+  return 2 * tiles(n, m) <= tiles(m, n)
 
 
 def _kernel(cfg: AccumulatorConfig, x, w):
