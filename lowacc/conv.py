@@ -2,7 +2,8 @@
 
 The contraction runs over (kernel spatial dims..., input channel) row-major, the order of an im2col
 patch in NHWC with HWIO kernels (spec section 3); feature groups are the dot's batch dimension.
-Patches are gathered with pads and strided slices only, so no arithmetic touches the operands.
+Patches are gathered with pads and strided slices only, so no arithmetic touches the operands; on
+the CPU the native kernel reads them from the padded input in place (`Patches.native`).
 """
 
 from __future__ import annotations
@@ -17,30 +18,50 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lowacc.dot import dot_general
+from lowacc.dot import dot_general, gathered_dot
 from lowacc.formats import AccumulatorConfig, DotConfig
+from lowacc.kernels import native
 from lowacc.quantize import as_float32, result_dtype
 
 
-def patches(lhs, kernel_spatial: Sequence[int], window_strides, padding, lhs_dilation,
-            rhs_dilation):
-  """im2col of channels-last `lhs` (N, spatial..., C): (N, out spatial..., taps, C), taps in
-  row-major order of the kernel's spatial dims. `padding` is explicit (lo, hi) pairs."""
-  nsp = len(kernel_spatial)
-  pad_cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
-  x = lax.pad(lhs, jnp.array(0, lhs.dtype), pad_cfg + [(0, 0, 0)])
-  spans = [(k - 1) * d + 1 for k, d in zip(kernel_spatial, rhs_dilation)]
-  out = [(x.shape[1 + i] - spans[i]) // window_strides[i] + 1 for i in range(nsp)]
-  if any(o <= 0 for o in out):
-    raise ValueError(f'conv: the dilated kernel {tuple(spans)} does not fit the padded input '
-                     f'{x.shape[1:-1]}')
-  taps = []
-  for tap in itertools.product(*(range(k) for k in kernel_spatial)):
-    start = [0] + [t * d for t, d in zip(tap, rhs_dilation)] + [0]
-    limit = ([x.shape[0]] + [s + (o - 1) * st + 1 for s, o, st in zip(start[1:], out, window_strides)]
-             + [x.shape[-1]])
-    taps.append(lax.slice(x, start, limit, [1] + list(window_strides) + [1]))
-  return jnp.stack(taps, axis=-2)
+@dataclasses.dataclass(frozen=True)
+class Patches:
+  """The im2col patches of a padded (and lhs-dilated) channels-last input xp (N, spatial..., C)
+  as a convolution's GEMM operand: (groups, N * output positions, taps * C / groups), taps in
+  row-major order of the kernel's spatial dims (spec section 3). Built with strided slices only,
+  so no arithmetic touches the operands; `native` reads them from xp in place instead."""
+  kernel: tuple
+  strides: tuple
+  dilation: tuple  # the kernel's (rhs_dilation)
+  groups: int
+
+  def out(self, padded: Sequence[int]) -> tuple:
+    """Output positions per spatial dim of a padded spatial shape."""
+    return tuple((p - (k - 1) * d - 1) // s + 1
+                 for p, k, d, s in zip(padded, self.kernel, self.dilation, self.strides))
+
+  def __call__(self, xp):
+    out = self.out(xp.shape[1:-1])
+    taps = []
+    for tap in itertools.product(*(range(k) for k in self.kernel)):
+      start = [0] + [t * d for t, d in zip(tap, self.dilation)] + [0]
+      limit = ([xp.shape[0]] + [s + (o - 1) * st + 1
+                                for s, o, st in zip(start[1:], out, self.strides)]
+               + [xp.shape[-1]])
+      taps.append(lax.slice(xp, start, limit, [1] + list(self.strides) + [1]))
+    cols = jnp.stack(taps, axis=-2)  # (N, out..., taps, C)
+    positions, cin = xp.shape[0] * math.prod(out), xp.shape[-1] // self.groups
+    cols = cols.reshape(positions, len(taps), self.groups, cin).transpose(2, 0, 1, 3)
+    return cols.reshape(self.groups, positions, len(taps) * cin)
+
+  def native(self, xp, w, fwd: AccumulatorConfig):
+    """The simulated forward of self(xp) . w by the native kernel, reading xp in place (1-d and
+    2-d convolutions; a 1-d one as 2-d with one row)."""
+    if len(self.kernel) == 1:
+      return Patches((1,) + self.kernel, (1,) + self.strides, (1,) + self.dilation,
+                     self.groups).native(xp[:, None], w, fwd)
+    return native.conv(xp, w, fwd, self.kernel, self.strides, self.dilation,
+                       self.out(xp.shape[1:-1]))
 
 
 def _positive_ints(field: str, value, n: int):
@@ -89,9 +110,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     raise ValueError(f'conv_general_dilated: batch_group_count={batch_group_count} is not '
                      'supported by the simulated accumulator; only 1 is')
   out_dtype = result_dtype(lhs, rhs, preferred_element_type)
-  cols, kern, finish = _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                   dimension_numbers, feature_group_count)
-  out = dot_general(cols, kern, _PATCH_DIMS, config, key=key, stats=stats)
+  patches, xp, kern, finish = _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation,
+                                          rhs_dilation, dimension_numbers, feature_group_count)
+  if stats or len(patches.kernel) > 2:
+    out = dot_general(patches(xp), kern, _PATCH_DIMS, config, key=key, stats=stats)
+  else:  # the native kernel, where it applies, reads the patches from xp in place
+    out = gathered_dot(patches, xp, kern, config, key=key)
   y, counters = out if stats else (out, None)
   y = finish(y).astype(out_dtype)
   return (y, counters) if stats else y
@@ -102,8 +126,8 @@ _PATCH_DIMS = (((2,), (1,)), ((0,), (0,)))  # (groups, positions, K) . (groups, 
 
 def _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                 feature_group_count):
-  """The convolution as one GEMM: patches (groups, positions, K), kernel (groups, K, out) and the
-  function that lays the GEMM's output out as the convolution's."""
+  """The convolution as one GEMM: its Patches, the padded input they are read from, the kernel
+  (groups, K, out) and the function that lays the GEMM's output out as the convolution's."""
   lhs, rhs = as_float32(lhs, 'lhs'), as_float32(rhs, 'rhs')
   nsp = lhs.ndim - 2
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -125,11 +149,14 @@ def _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, d
     dilated_in = [(s - 1) * d + 1 for s, d in zip(x.shape[1:-1], lhs_dilation)]
     spans = [(s - 1) * d + 1 for s, d in zip(kernel_spatial, rhs_dilation)]
     padding = lax.padtype_to_pads(dilated_in, spans, window_strides, padding)
-  cols = patches(x, kernel_spatial, window_strides, padding, lhs_dilation, rhs_dilation)
-  n, out_spatial, taps = cols.shape[0], cols.shape[1:-2], cols.shape[-2]
-  positions = n * math.prod(out_spatial)
-  cols = cols.reshape(positions, taps, groups, cin).transpose(2, 0, 1, 3)
-  cols = cols.reshape(groups, positions, taps * cin)
+  pad_cfg = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(padding, lhs_dilation)]
+  xp = lax.pad(x, jnp.array(0, x.dtype), pad_cfg + [(0, 0, 0)])
+  patches = Patches(tuple(kernel_spatial), window_strides, rhs_dilation, groups)
+  n, out_spatial, taps = x.shape[0], patches.out(xp.shape[1:-1]), math.prod(kernel_spatial)
+  if any(o <= 0 for o in out_spatial):
+    spans = tuple((k - 1) * d + 1 for k, d in zip(kernel_spatial, rhs_dilation))
+    raise ValueError(f'conv: the dilated kernel {spans} does not fit the padded input '
+                     f'{xp.shape[1:-1]}')
   kern = k.reshape(taps, cin, groups, cout // groups).transpose(2, 0, 1, 3)
   kern = kern.reshape(groups, taps * cin, cout // groups)
 
@@ -139,7 +166,7 @@ def _patch_gemm(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, d
     order = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
     return y.transpose([order.index(i) for i in range(y.ndim)])
 
-  return cols, kern, finish
+  return patches, xp, kern, finish
 
 
 @dataclasses.dataclass(frozen=True)

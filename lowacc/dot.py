@@ -310,6 +310,59 @@ def _accumulate_bwd(cfg: DotConfig, count: bool, residuals, g):
   return _sum_to(dx, x), _sum_to(dw, w), None
 
 
+def gathered_dot(gather, source, rhs, config, *, key=None):
+  """`dot_general` of x = gather(source) (B, M, K) and rhs (B, K, N), batched over B, where
+  gather is a linear gather of source that the native kernel reads in place (a convolution's
+  im2col patches: `gather.native(source, w, fwd)` computes the forward): x is then built only by
+  the backward pass. Configs the kernel does not take this way (counters aside) run
+  `dot_general` on gather(source): quantized lhs (its scale is x's, not source's), recursive
+  estimators, stochastic rounding, configs the kernel does not cover, several devices."""
+  cfg = DotConfig.of(config)
+  fwd = cfg.fwd
+  if (fwd is None or fwd.acc is None or fwd.lhs is not None or isinstance(fwd.rhs, IntQuant)
+      or fwd.ste.startswith('recursive') or not native.supports(fwd)
+      or jax.device_count() != 1 or _sharded(source, rhs) or rhs.shape[1] == 0):
+    return dot_general(gather(source), rhs, _BATCHED, config, key=key)
+  if key is not None:
+    check_key(key)
+  return _gathered(cfg, gather, as_float32(source, 'lhs'), as_float32(rhs, 'rhs'), key)
+
+
+_BATCHED = (((2,), (1,)), ((0,), (0,)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _gathered(cfg: DotConfig, gather, source, rhs, key):
+  return _accumulate_gathered(cfg, gather, source,
+                              quantize_operand(rhs, cfg.fwd.rhs, reduce_axes=(1,)), key)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _accumulate_gathered(cfg: DotConfig, gather, source, w, key):
+  """`_accumulate` on x = gather(source), its forward by gather.native on the CPU."""
+  return _accumulate_gathered_fwd(cfg, gather, source, w, key)[0]
+
+
+def _accumulate_gathered_fwd(cfg: DotConfig, gather, source, w, key):
+  fwd = cfg.fwd
+  y = lax.platform_dependent(
+      source, w, cpu=lambda s, w: _vary(gather.native(s, w, fwd), s, w),
+      default=lambda s, w: _forward(_Chain.layout(fwd, gather(s), w, key), False, False)[0])
+  # gather(source) is read only by _exact_tangent's tangent (second order): XLA drops it from
+  # the forward.
+  return _exact_tangent(fwd.ste, y, gather(source), w), (source, w, key)
+
+
+def _accumulate_gathered_bwd(cfg: DotConfig, gather, residuals, g):
+  source, w, key = residuals
+  x, pullback = jax.vjp(gather, source)
+  dx, dw, _ = _accumulate_bwd(cfg, False, (x, w, key, None), g)
+  return pullback(dx)[0], dw, None
+
+
+_accumulate_gathered.defvjp(_accumulate_gathered_fwd, _accumulate_gathered_bwd)
+
+
 def _vary(v, *like):
   """v typed as varying over every shard_map axis that one of `like` varies over (an FFI call's
   result is not typed so)."""

@@ -104,3 +104,70 @@ def test_conv_callable_is_hashable_and_jits(rng):
   f = jax.jit(lambda a: conv(a, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
   assert_bits_equal(f(x), lowacc.conv_general_dilated(x, k, (1, 1), 'VALID', dimension_numbers=(
       'NHWC', 'HWIO', 'NHWC'), config=CFG), 'jit')
+
+
+# On the CPU the native kernel reads a convolution's patches from its padded input in place
+# (lowacc.conv.Patches.native); the route through materialised patches (dot_general on
+# Patches(xp), taken where native.supports is False) must give the same bits: forward, gradients
+# (estimators and simulated backward GEMMs), second order and vmap.
+ROUTE_CASES = [  # stride, padding, lhs dilation, rhs dilation, groups, kernel, cin, cout
+    ((2, 1), ((1, 2), (0, 1)), (1, 2), (2, 1), 2, (3, 2), 6, 4),
+    ((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 5, (3, 3), 5, 5),   # depthwise
+    ((3,), ((2, 1),), (1,), (2,), 1, (3,), 7, 3),                  # 1-d
+]
+ROUTE_CONFIGS = [
+    lowacc.PAPER_M7E4,
+    lowacc.DotConfig(CFG.replace(order='chunk', chunk_size=5), dlhs=CFG, drhs=CFG),
+    lowacc.PAPER_M7E4.replace(acc=lowacc.PAPER_ACC.replace(underflow='none'),
+                              ste='immediate_both'),
+]
+
+
+def _layout(nsp):
+  return ('NHWC', 'HWIO', 'NHWC') if nsp == 2 else ('NWC', 'WIO', 'NWC')
+
+
+@pytest.mark.parametrize('case', ROUTE_CASES)
+def test_native_patches_equal_materialised_patches(case, rng, monkeypatch):
+  stride, pads, lhs_dil, rhs_dil, groups, kernel, cin, cout = case
+  # Operands whose float32 gradient sums are exact, as the contract leaves their order open
+  # (XLA fuses the patches' transpose differently in the two routes); the forward still rounds
+  # and saturates (M7E4's max_normal is 127.5).
+  x = (rng.integers(-15, 16, (2,) + (7, 6)[:len(kernel)] + (cin,)) / 4).astype(np.float32)
+  k = rng.integers(-5, 6, kernel + (cin // groups, cout)).astype(np.float32)
+  g = rng.integers(-2, 3, lax.conv_general_dilated(
+      x, k, stride, pads, lhs_dil, rhs_dil, _layout(len(kernel)),
+      feature_group_count=groups).shape).astype(np.float32)
+
+  def run():
+    out = {}
+    for i, cfg in enumerate(ROUTE_CONFIGS):
+      conv = lambda a, b, cfg=cfg: lowacc.conv_general_dilated(
+          a, b, stride, pads, lhs_dil, rhs_dil, _layout(len(kernel)),
+          feature_group_count=groups, config=cfg)
+      out[i, 'y'] = jax.jit(conv)(x, k)
+      out[i, 'grad'] = jax.grad(lambda a, b: jnp.sum(conv(a, b) * g), (0, 1))(x, k)
+      out[i, 'vmap'] = jax.vmap(conv, (0, None))(np.stack([x, -x]), k)
+      if i == 0:  # second order (the jvp of a gradient): the identity estimator's derivative
+        loss = lambda a, b: jnp.sum(conv(a, b) ** 2)
+        out[i, 'hvp'] = jax.jvp(lambda a: jax.grad(loss, (0, 1))(a, k), (x,), (x[::-1],))[1]
+    return out
+
+  native_route = run()
+  monkeypatch.setattr(lowacc.dot.native, 'supports', lambda cfg: False)
+  patch_route = run()
+  for key in native_route:
+    for a, b in zip(jax.tree.leaves(native_route[key]), jax.tree.leaves(patch_route[key])):
+      assert_bits_equal(a, b, f'{case} {key}')
+
+
+def test_native_conv_builds_no_patches():
+  # ResNet-18's layer1 conv, batch 8: its im2col patches alone are 58 MiB; the padded input and
+  # the output are 7 MiB each.
+  x = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.float32)
+  k = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+  conv = jax.jit(lambda a, b: lowacc.conv_general_dilated(
+      a, b, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), config=lowacc.PAPER_M7E4))
+  compiled = conv.lower(x, k).compile()
+  assert 'lowacc_chunk_dot' in compiled.as_text()
+  assert compiled.memory_analysis().temp_size_in_bytes < 16 * 2 ** 20

@@ -368,13 +368,27 @@ LOWACC_AVX512 inline __m512 ScaledStep(__m512 s, __m512 p, __m512 across, const 
 enum Order : int64_t { kOrderChunk = 0, kOrderFma = 1 };
 
 struct Problem;
-using TileFn = void (*)(const Problem&, const float*, const float*, float*, int, int);
+using TileFn = void (*)(const Problem&, int64_t, int64_t, const float*, float*, int, int);
+
+// A convolution's patch GEMM read from its padded input (N, Hp, Wp, C) instead of im2col
+// patches: patch m = (n, ho, wo) of group b starts at ((n Hp + ho sh) Wp + wo sw) C + b cg,
+// and its element kk = (i, j, c), in the patch's (kernel row, kernel column, channel) order, lies
+// (i dh Wp + j dw) C + c further on (Problem::offsets). The patches are x's rows (kPatchesX), or
+// w's columns (kPatchesW: y^T = kernel^T patches^T, for a few output channels per group).
+struct ConvGeometry {
+  int64_t hp, wp, c, cg, kh, kw, sh, sw, dh, dw, ho, wo;
+};
+enum Operands { kDense, kPatchesX, kPatchesW };
 
 struct Problem {
   const float* x;
   const float* w;
   float* y;
   int64_t m, k, n, chunk;
+  Operands operands;  // which operand, if any, is a padded convolution input (geometry)
+  ConvGeometry geometry;
+  const int64_t* rel;      // element kk of x's row lies rel[kk] past the row's start
+  const int64_t* offsets;  // element kk of a patch lies offsets[kk] past the patch's start
   Format acc, product, combine;
   bool fma, has_product, has_combine, exact_step, exact_combine, scaled;
   bool finite;  // x and w finite (set where scaled)
@@ -384,6 +398,17 @@ struct Problem {
   // acc's, in its scale; the step's `across` and the acc's scale back to float32.
   ScaledFormat scaled_product, scaled_acc;
   float across, unscale;
+
+  // The start of x's row m of batch (or group) b.
+  const float* Row(int64_t b, int64_t m) const {
+    return operands == kPatchesX ? Patch(x, b, m) : x + (b * this->m + m) * k;
+  }
+  // The start of patch m of group b in the padded input `input`.
+  const float* Patch(const float* input, int64_t b, int64_t m) const {
+    const ConvGeometry& g = geometry;
+    const int64_t wo = m % g.wo, ho = m / g.wo % g.ho, n = m / (g.wo * g.ho);
+    return input + ((n * g.hp + ho * g.sh) * g.wp + wo * g.sw) * g.c + b * g.cg;
+  }
 };
 
 // The scaled path's constants (lowacc.kernels.native.scaled decides where it applies).
@@ -413,9 +438,10 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
   const __m512 across = _mm512_set1_ps(p.across);
   for (int64_t kk = k0; kk < k1; ++kk) {
     const __m512 w0 = _mm512_load_ps(wp + kk * kCols), w1 = _mm512_load_ps(wp + kk * kCols + 16);
+    const int64_t at = p.rel[kk];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {  // a row (two vectors) at a time: few live mask registers
-      const __m512 xv = _mm512_set1_ps(xr[r][kk]);
+      const __m512 xv = _mm512_set1_ps(xr[r][at]);
       if constexpr (kScaled) {
         const __m512 u0 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w0), p.scaled_product);
         const __m512 u1 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w1), p.scaled_product);
@@ -442,7 +468,7 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
   }
 }
 
-// One rows x kCols tile (rows <= R): x (rows, k) with row stride p.k, the packed columns wp
+// One rows x kCols tile (rows <= R): x's rows i .. i + rows - 1 of batch b, the packed columns wp
 // (k x kCols). Each chunk's inner chain keeps its 2R vectors in registers: order 'chunk' sums
 // the products in float32 (fused multiply-adds without product rounding) and rounds the partial
 // once; order 'fma' takes one Step per product. The combine chain's total stays in L1.
@@ -450,11 +476,11 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
 // fixed for the inner loop; kScaled: the scaled path (p.scaled), kFinite: with finite operands.
 template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
           bool kScaled = false, bool kFinite = false>
-LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float* y, int rows,
+LOWACC_AVX512 void Tile(const Problem& p, int64_t b, int64_t i, const float* wp, float* y, int rows,
                         int cols) {
   constexpr int kVectors = 2 * R;
   const float* xr[R];
-  for (int r = 0; r < R; ++r) xr[r] = x + std::min(r, rows - 1) * p.k;
+  for (int r = 0; r < R; ++r) xr[r] = p.Row(b, i + std::min(r, rows - 1));
   alignas(64) float total[R][kCols] = {};
   for (int64_t k0 = 0; k0 < p.k; k0 += p.chunk) {
     const int64_t k1 = std::min(p.k, k0 + p.chunk);
@@ -581,15 +607,22 @@ void TileFor(Problem& p) {
 // Work item: batch b, rows [i0, i0 + kBlockRows), columns [j0, j0 + kCols); wp: scratch.
 LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, float* wp) {
   const int cols = static_cast<int>(std::min<int64_t>(kCols, p.n - j0));
-  const float* w = p.w + b * p.k * p.n;
-  for (int64_t kk = 0; kk < p.k; ++kk) {
-    std::memcpy(wp + kk * kCols, w + kk * p.n + j0, cols * sizeof(float));
-    std::memset(wp + kk * kCols + cols, 0, (kCols - cols) * sizeof(float));
+  if (p.operands == kPatchesW) {  // column j: patch j0 + j
+    for (int j = 0; j < kCols; ++j) {
+      const float* patch = j < cols ? p.Patch(p.w, b, j0 + j) : nullptr;
+      for (int64_t kk = 0; kk < p.k; ++kk) wp[kk * kCols + j] = patch ? patch[p.offsets[kk]] : 0.f;
+    }
+  } else {
+    const float* w = p.w + b * p.k * p.n;
+    for (int64_t kk = 0; kk < p.k; ++kk) {
+      std::memcpy(wp + kk * kCols, w + kk * p.n + j0, cols * sizeof(float));
+      std::memset(wp + kk * kCols + cols, 0, (kCols - cols) * sizeof(float));
+    }
   }
   const int64_t i1 = std::min(p.m, i0 + kBlockRows);
   for (int64_t i = i0; i < i1; i += p.tile_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(p.tile_rows, i1 - i));
-    p.tile(p, p.x + (b * p.m + i) * p.k, wp, p.y + (b * p.m + i) * p.n + j0, rows, cols);
+    p.tile(p, b, i, wp, p.y + (b * p.m + i) * p.n + j0, rows, cols);
   }
 }
 
@@ -597,22 +630,70 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> y, int64_t chunk, int64_t order,
                     ffi::Span<const int64_t> acc, ffi::Span<const int64_t> product,
                     ffi::Span<const int64_t> combine, int64_t exact_step,
-                    int64_t exact_combine, int64_t scaled) {
+                    int64_t exact_combine, int64_t scaled, ffi::Span<const int64_t> conv) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 3 || wd.size() != 3 || xd[0] != wd[0] || xd[2] != wd[1])
-    return ffi::Error::InvalidArgument("lowacc_chunk_dot: expected x (B, M, K), w (B, K, N)");
   if (acc.size() != 6 || (combine.size() != 0 && combine.size() != 6) ||
       (product.size() != 0 && product.size() != 6) || chunk < 1 ||
-      (order != kOrderChunk && order != kOrderFma))
+      (order != kOrderChunk && order != kOrderFma) || (conv.size() != 0 && conv.size() != 13))
     return ffi::Error::InvalidArgument("lowacc_chunk_dot: malformed attributes");
-  Problem p{x.typed_data(), w.typed_data(), y->typed_data(), xd[1], xd[2], wd[2], chunk,
-            Format::Of(acc), Format{}, Format{}, order == kOrderFma, product.size() != 0,
-            combine.size() != 0, exact_step != 0, exact_combine != 0, scaled != 0, false, nullptr,
-            0};
+  Problem p{};
+  p.operands = conv.size() == 0 ? kDense : conv[12] ? kPatchesW : kPatchesX;
+  if (p.operands == kDense && (xd.size() != 3 || wd.size() != 3 || xd[0] != wd[0] ||
+                               xd[2] != wd[1]))
+    return ffi::Error::InvalidArgument("lowacc_chunk_dot: expected x (B, M, K), w (B, K, N)");
+  int64_t batch = xd[0];
+  if (p.operands != kDense) {
+    ConvGeometry& g = p.geometry;
+    g = {conv[0], conv[1], conv[2], conv[3], conv[4], conv[5],
+         conv[6], conv[7], conv[8], conv[9], conv[10], conv[11]};
+    // The padded input (N, Hp, Wp, C), the kernel (groups, kh kw cg, O) or its transpose.
+    auto in = p.operands == kPatchesX ? xd : wd, kernel = p.operands == kPatchesX ? wd : xd;
+    const int64_t k = kernel[p.operands == kPatchesX ? 1 : 2];
+    batch = kernel[0];
+    if (in.size() != 4 || kernel.size() != 3 || in[1] != g.hp || in[2] != g.wp ||
+        in[3] != g.c || g.cg < 1 || g.c != batch * g.cg || k != g.kh * g.kw * g.cg ||
+        g.ho < 1 || g.wo < 1 || (g.ho - 1) * g.sh + (g.kh - 1) * g.dh >= g.hp ||
+        (g.wo - 1) * g.sw + (g.kw - 1) * g.dw >= g.wp)
+      return ffi::Error::InvalidArgument(
+          "lowacc_chunk_dot: expected a padded input (N, Hp, Wp, C) and a kernel (groups, "
+          "kh kw C / groups, O) or its transpose that the convolution geometry fits");
+    const int64_t positions = in[0] * g.ho * g.wo;
+    p.m = p.operands == kPatchesX ? positions : xd[1];
+    p.k = k;
+    p.n = p.operands == kPatchesX ? wd[2] : positions;
+  } else {
+    p.m = xd[1];
+    p.k = xd[2];
+    p.n = wd[2];
+  }
+  std::unique_ptr<int64_t[]> rel(new int64_t[2 * std::max<int64_t>(p.k, 1)]);
+  for (int64_t kk = 0; kk < p.k; ++kk) {
+    const ConvGeometry& g = p.geometry;
+    const int64_t c = g.cg ? kk % g.cg : 0, j = g.cg ? kk / g.cg % g.kw : 0,
+                  i = g.cg ? kk / (g.cg * g.kw) : 0;
+    const int64_t offset = (i * g.dh * g.wp + j * g.dw) * g.c + c;
+    rel[kk] = p.operands == kPatchesX ? offset : kk;
+    rel[p.k + kk] = offset;
+  }
+  p.x = x.typed_data();
+  p.w = w.typed_data();
+  p.y = y->typed_data();
+  p.rel = rel.get();
+  p.offsets = rel.get() + p.k;
+  p.chunk = chunk;
+  p.acc = Format::Of(acc);
+  p.fma = order == kOrderFma;
+  p.has_product = product.size() != 0;
+  p.has_combine = combine.size() != 0;
+  p.exact_step = exact_step != 0;
+  p.exact_combine = exact_combine != 0;
+  p.scaled = scaled != 0;
   if (p.has_product) p.product = Format::Of(product);
   if (p.has_combine) p.combine = Format::Of(combine);
-  const int64_t batch = xd[0];
-  p.finite = p.scaled && AllFinite(p.x, batch * p.m * p.k) && AllFinite(p.w, batch * p.k * p.n);
+  int64_t x_size = 1, w_size = 1;
+  for (auto d : xd) x_size *= d;
+  for (auto d : wd) w_size *= d;
+  p.finite = p.scaled && AllFinite(p.x, x_size) && AllFinite(p.w, w_size);
   TileFor(p);
   if (batch * p.m * p.n == 0) return ffi::Error::Success();
   if (p.k == 0) {  // an empty contraction is +0, as the XLA path's
@@ -625,6 +706,7 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   // shared state it holds. Waiting for helpers to start could deadlock.
   struct Shared {
     Problem p;
+    std::unique_ptr<int64_t[]> rel;  // p.rel's and p.offsets' storage, alive as any helper
     int64_t row_blocks, panels, items;
     std::atomic<int64_t> next{0}, finished{0};
     std::mutex mu;
@@ -632,6 +714,7 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   };
   auto shared = std::make_shared<Shared>();
   shared->p = p;
+  shared->rel = std::move(rel);
   shared->row_blocks = (p.m + kBlockRows - 1) / kBlockRows;
   shared->panels = (p.n + kCols - 1) / kCols;
   shared->items = batch * shared->row_blocks * shared->panels;
@@ -681,4 +764,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowaccChunkDot, ChunkDot,
                                   .Attr<ffi::Span<const int64_t>>("combine")
                                   .Attr<int64_t>("exact_step")
                                   .Attr<int64_t>("exact_combine")
-                                  .Attr<int64_t>("scaled"));
+                                  .Attr<int64_t>("scaled")
+                                  .Attr<ffi::Span<const int64_t>>("conv"));

@@ -29,7 +29,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from lowacc.formats import AccumulatorConfig, FloatFormat
 from lowacc.quantize import limit_bits
 
-__all__ = ['available', 'dot', 'exact_sum', 'scaled', 'supports']
+__all__ = ['available', 'conv', 'dot', 'exact_sum', 'scaled', 'supports']
 
 _TARGET = 'lowacc_chunk_dot'
 _ROUNDINGS = {'nearest_even': 0, 'toward_zero': 1, 'up': 2, 'down': 3}
@@ -198,10 +198,7 @@ def dot(x, w, cfg: AccumulatorConfig):
   if not supports(cfg):
     raise ValueError(f'lowacc.kernels.native.dot: not supported here: {cfg} '
                      f'(kernel available: {available()})')
-  x, w = jax.lax.stop_gradient(x), jax.lax.stop_gradient(w)
-  if _transposed_is_faster(x.shape[1], w.shape[2]):
-    return jnp.swapaxes(_batched_call(cfg)(jnp.swapaxes(w, 1, 2), jnp.swapaxes(x, 1, 2)), 1, 2)
-  return _batched_call(cfg)(x, w)
+  return _batched_call(cfg)(jax.lax.stop_gradient(x), jax.lax.stop_gradient(w))
 
 
 def _transposed_is_faster(m: int, n: int) -> bool:
@@ -213,17 +210,48 @@ def _transposed_is_faster(m: int, n: int) -> bool:
   return 2 * tiles(n, m) <= tiles(m, n)
 
 
+def conv(xp, w, cfg: AccumulatorConfig, kernel, strides, dilation, out):
+  """The simulated forward of a 2-d convolution's patch GEMM, as `dot` on its im2col patches
+  (groups, N * out positions, kh * kw * C / groups) and w (groups, K, O / groups) would give it,
+  read from the padded input xp (N, Hp, Wp, C) itself: no patches are built. kernel, strides,
+  dilation (the kernel's) and out: (rows, columns) pairs. One device (no partitioning rule);
+  under vmap, one call per element."""
+  if not supports(cfg):
+    raise ValueError(f'lowacc.kernels.native.conv: not supported here: {cfg} '
+                     f'(kernel available: {available()})')
+  xp, w = jax.lax.stop_gradient(xp), jax.lax.stop_gradient(w)
+  positions = xp.shape[0] * out[0] * out[1]
+  transposed = _transposed_is_faster(positions, w.shape[2])  # a depthwise conv
+  geometry = np.array(xp.shape[1:] + (xp.shape[3] // w.shape[0],) + tuple(kernel)
+                      + tuple(strides) + tuple(dilation) + tuple(out) + (transposed,), np.int64)
+  if transposed:
+    t = jnp.swapaxes(w, 1, 2)
+    return jnp.swapaxes(_call(cfg, t, xp, geometry, (w.shape[0], w.shape[2], positions)), 1, 2)
+  return _call(cfg, xp, w, geometry, (w.shape[0], positions, w.shape[2]))
+
+
 def _kernel(cfg: AccumulatorConfig, x, w):
-  """The FFI call on x (B, M, K), w (B, K, N) as given (on one device)."""
-  b, m, k = x.shape
+  """The GEMM x (B, M, K) . w (B, K, N) on one device."""
+  if _transposed_is_faster(x.shape[1], w.shape[2]):
+    t = lambda a: jnp.swapaxes(a, 1, 2)
+    return t(_call(cfg, t(w), t(x), None, (x.shape[0], w.shape[2], x.shape[1])))
+  return _call(cfg, x, w, None, (x.shape[0], x.shape[1], w.shape[2]))
+
+
+def _call(cfg: AccumulatorConfig, x, w, geometry, shape):
+  """The FFI call on x (B, M, K), w (B, K, N) (geometry None), or with a padded convolution input
+  as x or, transposed, as w (chunk_dot.cc's ConvGeometry and Operands), giving `shape`."""
+  k = w.shape[1] if geometry is None else int(np.prod(geometry[3:6]))  # kh kw cg
   chunk = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
-  ffi = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((b, m, w.shape[2]), jnp.float32))
+  ffi = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
+                         vmap_method='sequential')
   comb = cfg.combine_format
   return ffi(x, w, chunk=np.int64(max(chunk, 1)), order=np.int64(_ORDERS[cfg.order]),
              acc=_fields(cfg.acc), product=_fields(cfg.product), combine=_fields(comb),
              exact_step=np.int64(exact_sum(cfg.acc, cfg.product)),
              scaled=np.int64(scaled(cfg)),
-             exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)))
+             exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)),
+             conv=np.zeros((0,), np.int64) if geometry is None else geometry)
 
 
 def _axes(spec, i: int) -> tuple:
