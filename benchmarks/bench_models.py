@@ -1,8 +1,11 @@
 """Fine-tuning steps with the M7E4 accumulator in every GEMM, as ratios to the float32 step:
 ResNet-18 (32x32 inputs, batch 32) and BERT of MiniLM-L6's size (sequence 128, batch 8).
 
-python -m benchmarks.bench_models
+python -m benchmarks.bench_models [--cpu-time]
 """
+
+import sys
+import time
 
 import numpy as np
 import optax
@@ -28,24 +31,24 @@ def _step(model, loss, batch, policy):
   return step, (model, optimizer, batch)
 
 
-def _ratios(name, model, loss, batch):
+def _ratios(name, model, loss, batch, clock):
   t = best_times({order: _step(model, loss, batch, Policy.everywhere(cfg))
                   for order, cfg in (('float32', None), ('chunk', CHUNK), ('fma', FMA))},
-                 repeats=4)
+                 repeats=4, clock=clock)
   return {f'{name} step {order}': dict(ratio=t[order] / t['float32']) for order in ('chunk', 'fma')}
 
 
-def resnet18_step():
+def resnet18_step(clock=time.perf_counter):
   model = resnet.resnet18(num_classes=10, stem='cifar', rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   batch = dict(image=rng.standard_normal((32, 32, 32, 3)).astype(np.float32),
                label=rng.integers(0, 10, 32))
   loss = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(
       m(b['image']), b['label']).mean()
-  return _ratios('resnet18 32x32 b32', model, loss, batch)
+  return _ratios('resnet18 32x32 b32', model, loss, batch, clock)
 
 
-def bert_step():
+def bert_step(clock=time.perf_counter):
   config = bert.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
                            num_attention_heads=12, intermediate_size=1536,
                            max_position_embeddings=512)
@@ -55,10 +58,12 @@ def bert_step():
                label=rng.integers(0, 2, 8))
   loss = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(
       m(b['input_ids']), b['label']).mean()
-  return _ratios('bert minilm-size s128 b8', model, loss, batch)
+  return _ratios('bert minilm-size s128 b8', model, loss, batch, clock)
 
 
 if __name__ == '__main__':
-  print(f'machine: {machine()}')
-  for name, r in {**resnet18_step(), **bert_step()}.items():
+  cpu = '--cpu-time' in sys.argv[1:]  # CPU seconds of the process, as bench_core --cpu-time
+  clock = time.process_time if cpu else time.perf_counter
+  print(f'machine: {machine()}; clock: {"CPU time" if cpu else "wall"}')
+  for name, r in {**resnet18_step(clock), **bert_step(clock)}.items():
     print(f'{name:<34} {r["ratio"]:>8.1f} x float32')

@@ -10,6 +10,7 @@
 // lowacc.dot's XLA path streams the whole M x N state through memory once per step; here each
 // output tile keeps its chain in AVX-512 registers and its total in L1 for the whole contraction.
 // Work items (batch, 256-row block, 32-column panel) are shared out over XLA's intra-op pool.
+// A convolution's patch GEMM reads its patches from the padded input (ConvGeometry).
 //
 // Formats (lowacc.kernels.native.supports): deterministic rounding, man_bits < 23, underflow
 // 'flush' with min_exp > -126 or 'none'. With float32 subnormals flushed (FTZ/DAZ, set here as XLA
@@ -368,13 +369,14 @@ LOWACC_AVX512 inline __m512 ScaledStep(__m512 s, __m512 p, __m512 across, const 
 enum Order : int64_t { kOrderChunk = 0, kOrderFma = 1 };
 
 struct Problem;
-using TileFn = void (*)(const Problem&, int64_t, int64_t, const float*, float*, int, int);
+using TileFn = void (*)(const Problem&, const float*, const float*, float*, int, int);
 
 // A convolution's patch GEMM read from its padded input (N, Hp, Wp, C) instead of im2col
 // patches: patch m = (n, ho, wo) of group b starts at ((n Hp + ho sh) Wp + wo sw) C + b cg,
-// and its element kk = (i, j, c), in the patch's (kernel row, kernel column, channel) order, lies
-// (i dh Wp + j dw) C + c further on (Problem::offsets). The patches are x's rows (kPatchesX), or
-// w's columns (kPatchesW: y^T = kernel^T patches^T, for a few output channels per group).
+// and its elements kk = (i, j, c), in the patch's (kernel row, kernel column, channel) order,
+// are runs of cg channels, tap (i, j)'s (i dh Wp + j dw) C further on (Problem::taps). The
+// patches are x's rows (kPatchesX: Item copies a tile's rows into a dense block), or w's columns
+// (kPatchesW: y^T = kernel^T patches^T, for a few output channels per group; Item packs them).
 struct ConvGeometry {
   int64_t hp, wp, c, cg, kh, kw, sh, sw, dh, dw, ho, wo;
 };
@@ -387,8 +389,7 @@ struct Problem {
   int64_t m, k, n, chunk;
   Operands operands;  // which operand, if any, is a padded convolution input (geometry)
   ConvGeometry geometry;
-  const int64_t* rel;      // element kk of x's row lies rel[kk] past the row's start
-  const int64_t* offsets;  // element kk of a patch lies offsets[kk] past the patch's start
+  const int64_t* taps;  // tap t's run of cg channels lies taps[t] past the patch's start
   Format acc, product, combine;
   bool fma, has_product, has_combine, exact_step, exact_combine, scaled;
   bool finite;  // x and w finite (set where scaled)
@@ -399,10 +400,6 @@ struct Problem {
   ScaledFormat scaled_product, scaled_acc;
   float across, unscale;
 
-  // The start of x's row m of batch (or group) b.
-  const float* Row(int64_t b, int64_t m) const {
-    return operands == kPatchesX ? Patch(x, b, m) : x + (b * this->m + m) * k;
-  }
   // The start of patch m of group b in the padded input `input`.
   const float* Patch(const float* input, int64_t b, int64_t m) const {
     const ConvGeometry& g = geometry;
@@ -438,10 +435,9 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
   const __m512 across = _mm512_set1_ps(p.across);
   for (int64_t kk = k0; kk < k1; ++kk) {
     const __m512 w0 = _mm512_load_ps(wp + kk * kCols), w1 = _mm512_load_ps(wp + kk * kCols + 16);
-    const int64_t at = p.rel[kk];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {  // a row (two vectors) at a time: few live mask registers
-      const __m512 xv = _mm512_set1_ps(xr[r][at]);
+      const __m512 xv = _mm512_set1_ps(xr[r][kk]);
       if constexpr (kScaled) {
         const __m512 u0 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w0), p.scaled_product);
         const __m512 u1 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w1), p.scaled_product);
@@ -468,7 +464,7 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
   }
 }
 
-// One rows x kCols tile (rows <= R): x's rows i .. i + rows - 1 of batch b, the packed columns wp
+// One rows x kCols tile (rows <= R): x (rows, k) with row stride p.k, the packed columns wp
 // (k x kCols). Each chunk's inner chain keeps its 2R vectors in registers: order 'chunk' sums
 // the products in float32 (fused multiply-adds without product rounding) and rounds the partial
 // once; order 'fma' takes one Step per product. The combine chain's total stays in L1.
@@ -476,11 +472,12 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
 // fixed for the inner loop; kScaled: the scaled path (p.scaled), kFinite: with finite operands.
 template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
           bool kScaled = false, bool kFinite = false>
-LOWACC_AVX512 void Tile(const Problem& p, int64_t b, int64_t i, const float* wp, float* y, int rows,
+LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float* y, int rows,
                         int cols) {
   constexpr int kVectors = 2 * R;
   const float* xr[R];
-  for (int r = 0; r < R; ++r) xr[r] = p.Row(b, i + std::min(r, rows - 1));
+  // (Computed here from x, not read from elsewhere: the chains then stay in registers.)
+  for (int r = 0; r < R; ++r) xr[r] = x + std::min(r, rows - 1) * p.k;
   alignas(64) float total[R][kCols] = {};
   for (int64_t k0 = 0; k0 < p.k; k0 += p.chunk) {
     const int64_t k1 = std::min(p.k, k0 + p.chunk);
@@ -604,13 +601,18 @@ void TileFor(Problem& p) {
   }
 }
 
-// Work item: batch b, rows [i0, i0 + kBlockRows), columns [j0, j0 + kCols); wp: scratch.
-LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, float* wp) {
+// Work item: batch b, rows [i0, i0 + kBlockRows), columns [j0, j0 + kCols); wp: scratch of
+// p.k x kCols, xs: of kRows x p.k (kPatchesX).
+LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, float* wp, float* xs) {
   const int cols = static_cast<int>(std::min<int64_t>(kCols, p.n - j0));
+  const int64_t cg = p.geometry.cg, taps = p.geometry.kh * p.geometry.kw;
   if (p.operands == kPatchesW) {  // column j: patch j0 + j
     for (int j = 0; j < kCols; ++j) {
       const float* patch = j < cols ? p.Patch(p.w, b, j0 + j) : nullptr;
-      for (int64_t kk = 0; kk < p.k; ++kk) wp[kk * kCols + j] = patch ? patch[p.offsets[kk]] : 0.f;
+      for (int64_t t = 0; t < taps; ++t) {
+        for (int64_t c = 0; c < cg; ++c)
+          wp[(t * cg + c) * kCols + j] = patch ? patch[p.taps[t] + c] : 0.f;
+      }
     }
   } else {
     const float* w = p.w + b * p.k * p.n;
@@ -622,7 +624,16 @@ LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, flo
   const int64_t i1 = std::min(p.m, i0 + kBlockRows);
   for (int64_t i = i0; i < i1; i += p.tile_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(p.tile_rows, i1 - i));
-    p.tile(p, b, i, wp, p.y + (b * p.m + i) * p.n + j0, rows, cols);
+    const float* x = p.x + (b * p.m + i) * p.k;
+    if (p.operands == kPatchesX) {  // the tile's patches, copied tap by tap
+      for (int r = 0; r < rows; ++r) {
+        const float* patch = p.Patch(p.x, b, i + r);
+        for (int64_t t = 0; t < taps; ++t)
+          std::memcpy(xs + r * p.k + t * cg, patch + p.taps[t], cg * sizeof(float));
+      }
+      x = xs;
+    }
+    p.tile(p, x, wp, p.y + (b * p.m + i) * p.n + j0, rows, cols);
   }
 }
 
@@ -666,20 +677,14 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     p.k = xd[2];
     p.n = wd[2];
   }
-  std::unique_ptr<int64_t[]> rel(new int64_t[2 * std::max<int64_t>(p.k, 1)]);
-  for (int64_t kk = 0; kk < p.k; ++kk) {
-    const ConvGeometry& g = p.geometry;
-    const int64_t c = g.cg ? kk % g.cg : 0, j = g.cg ? kk / g.cg % g.kw : 0,
-                  i = g.cg ? kk / (g.cg * g.kw) : 0;
-    const int64_t offset = (i * g.dh * g.wp + j * g.dw) * g.c + c;
-    rel[kk] = p.operands == kPatchesX ? offset : kk;
-    rel[p.k + kk] = offset;
-  }
+  const ConvGeometry& g = p.geometry;
+  std::unique_ptr<int64_t[]> taps(new int64_t[std::max<int64_t>(g.kh * g.kw, 1)]);
+  for (int64_t t = 0; t < g.kh * g.kw; ++t)
+    taps[t] = (t / g.kw * g.dh * g.wp + t % g.kw * g.dw) * g.c;
   p.x = x.typed_data();
   p.w = w.typed_data();
   p.y = y->typed_data();
-  p.rel = rel.get();
-  p.offsets = rel.get() + p.k;
+  p.taps = taps.get();
   p.chunk = chunk;
   p.acc = Format::Of(acc);
   p.fma = order == kOrderFma;
@@ -706,7 +711,7 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   // shared state it holds. Waiting for helpers to start could deadlock.
   struct Shared {
     Problem p;
-    std::unique_ptr<int64_t[]> rel;  // p.rel's and p.offsets' storage, alive as any helper
+    std::unique_ptr<int64_t[]> taps;  // p.taps' storage, alive as long as any helper
     int64_t row_blocks, panels, items;
     std::atomic<int64_t> next{0}, finished{0};
     std::mutex mu;
@@ -714,7 +719,7 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   };
   auto shared = std::make_shared<Shared>();
   shared->p = p;
-  shared->rel = std::move(rel);
+  shared->taps = std::move(taps);
   shared->row_blocks = (p.m + kBlockRows - 1) / kBlockRows;
   shared->panels = (p.n + kCols - 1) / kCols;
   shared->items = batch * shared->row_blocks * shared->panels;
@@ -723,15 +728,17 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     const unsigned csr = _mm_getcsr();
     _mm_setcsr(csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);  // as XLA on the CPU
     float* wp = static_cast<float*>(std::aligned_alloc(64, st.p.k * kCols * sizeof(float)));
+    float* xs = st.p.operands == kPatchesX ? new float[kRows * st.p.k] : nullptr;
     for (int64_t t; (t = st.next.fetch_add(1)) < st.items;) {
       const int64_t j = t % st.panels, i = (t / st.panels) % st.row_blocks;
-      Item(st.p, t / (st.panels * st.row_blocks), i * kBlockRows, j * kCols, wp);
+      Item(st.p, t / (st.panels * st.row_blocks), i * kBlockRows, j * kCols, wp, xs);
       if (st.finished.fetch_add(1) + 1 == st.items) {
         std::lock_guard<std::mutex> lock(st.mu);
         st.cv.notify_all();
       }
     }
     std::free(wp);
+    delete[] xs;
     _mm_setcsr(csr);
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->items) - 1;
