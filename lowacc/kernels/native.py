@@ -3,7 +3,8 @@
 `lowacc.dot` runs the forward of a GEMM through `dot` on the CPU when `supports(cfg)`: the
 kernel was built (by `pip install`; it needs a C++17 compiler), the CPU has AVX-512, and the
 config is one the kernel covers: order 'fma' (the paper's FMAq) and order 'chunk', with or
-without product rounding. Everywhere else it runs its XLA path, which stays the reference: the
+without product rounding; `lowacc.conv` runs a convolution's GEMM through `conv`, which reads
+the patches from the padded input. Everywhere else it runs its XLA path, which stays the reference: the
 tests hold the two equal bit for bit. Order 'fma' and 'chunk' with product rounding add in the
 XLA path's order, so they are equal on any operands; 'chunk' without product rounding sums a
 chunk with fused multiply-adds, equal wherever the chunk partials are exact (the contract leaves
