@@ -603,7 +603,8 @@ void TileFor(Problem& p) {
 
 // Work item: batch b, rows [i0, i0 + kBlockRows), columns [j0, j0 + kCols); wp: scratch of
 // p.k x kCols, xs: of kRows x p.k (kPatchesX).
-LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, float* wp, float* xs) {
+LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, float* wp,
+                        float* xs) {
   const int cols = static_cast<int>(std::min<int64_t>(kCols, p.n - j0));
   const int64_t cg = p.geometry.cg, taps = p.geometry.kh * p.geometry.kw;
   if (p.operands == kPatchesW) {  // column j: patch j0 + j
@@ -677,6 +678,9 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     p.k = xd[2];
     p.n = wd[2];
   }
+  auto yd = y->dimensions();
+  if (yd.size() != 3 || yd[0] != batch || yd[1] != p.m || yd[2] != p.n)
+    return ffi::Error::InvalidArgument("lowacc_chunk_dot: the result's shape is not (B, M, N)");
   const ConvGeometry& g = p.geometry;
   std::unique_ptr<int64_t[]> taps(new int64_t[std::max<int64_t>(g.kh * g.kw, 1)]);
   for (int64_t t = 0; t < g.kh * g.kw; ++t)

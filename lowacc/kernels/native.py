@@ -5,10 +5,11 @@ kernel was built (by `pip install`; it needs a C++17 compiler), the CPU has AVX-
 config is one the kernel covers: order 'fma' (the paper's FMAq) and order 'chunk', with or
 without product rounding; `lowacc.conv` runs a convolution's GEMM through `conv`, which reads
 the patches from the padded input. Everywhere else it runs its XLA path, which stays the
-reference: the tests hold the two equal bit for bit. Order 'fma' and 'chunk' with product rounding add in the
-XLA path's order, so they are equal on any operands; 'chunk' without product rounding sums a
-chunk with fused multiply-adds, equal wherever the chunk partials are exact (the contract leaves
-the order of the additions inside a chunk unspecified, so only there is equality defined).
+reference: the tests hold the two equal bit for bit. Order 'fma' and 'chunk' with product
+rounding add in the XLA path's order, so they are equal on any operands; 'chunk' without
+product rounding sums a chunk with fused multiply-adds, equal wherever the chunk partials are
+exact (the contract leaves the order of the additions inside a chunk unspecified, so only there
+is equality defined).
 """
 
 from __future__ import annotations
