@@ -25,6 +25,9 @@ FMA_NEAREST = FMA.replace(acc=FMA.acc.replace(**_NEAREST), product=FMA.product.r
 CHUNK_PRODUCT = lowacc.PAPER_M7E4.replace(order='chunk')  # each product rounded, then chunk sums
 _NONE = dict(underflow='none')  # the paper's fine-tuning stage 1: "without underflow"
 FMA_STAGE1 = FMA.replace(acc=FMA.acc.replace(**_NONE), product=FMA.product.replace(**_NONE))
+_E5 = dict(exp_bits=5)  # M7E5 at the paper's bias rule, IEEE + 3 (the SNLI grid's E5 b18)
+FMA_E5 = FMA.replace(acc=FMA.acc.replace(bias=18, **_E5),
+                     product=FMA.product.replace(bias=20, **_E5))
 
 
 def keep_freed_memory():
@@ -97,7 +100,7 @@ def gemm(n=1024, clock=time.perf_counter):
   slow = best_times({'float32': (jax.jit(jnp.dot), (x, w)),
                      **{name: (jax.jit(lambda a, b, cfg=cfg: lowacc.matmul(a, b, cfg)), (x, w))
                         for name, cfg in (('fma', FMA), ('fma nearest', FMA_NEAREST),
-                                          ('fma stage 1', FMA_STAGE1),
+                                          ('fma stage 1', FMA_STAGE1), ('fma E5', FMA_E5),
                                           ('chunk product', CHUNK_PRODUCT))}}, repeats=3,
                     clock=clock)
   macs = n ** 3
@@ -114,6 +117,8 @@ def gemm(n=1024, clock=time.perf_counter):
           f'gemm{n} fma fwd, underflow none (stage 1)': dict(
               ratio=slow['fma stage 1'] / slow['float32'],
               gmac_per_s=macs / slow['fma stage 1'] / 1e9),
+          f'gemm{n} fma fwd, M7E5 b18': dict(ratio=slow['fma E5'] / slow['float32'],
+                                              gmac_per_s=macs / slow['fma E5'] / 1e9),
           f'gemm{n} chunk fwd, product rounding': dict(
               ratio=slow['chunk product'] / slow['float32'],
               gmac_per_s=macs / slow['chunk product'] / 1e9)}
@@ -138,6 +143,24 @@ def resnet_conv(batch=8, clock=time.perf_counter):
   return out
 
 
+def depthwise_conv(clock=time.perf_counter):
+  """EfficientNet-Lite0's depthwise convs (3x3 at 112x112x32, 5x5 at 28x28x144, SAME, batch 1)
+  under PAPER_M7E4, against XLA's float32 depthwise conv."""
+  rng = np.random.default_rng(2)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  out = {}
+  for size, c, k in ((112, 32, 3), (28, 144, 5)):
+    x = jnp.asarray(rng.standard_normal((1, size, size, c)), jnp.float32)
+    kern = jnp.asarray(rng.standard_normal((k, k, 1, c)) * 0.3, jnp.float32)
+    conv = lambda cfg: jax.jit(lambda a, b: lowacc.conv_general_dilated(
+        a, b, (1, 1), 'SAME', dimension_numbers=dn, feature_group_count=c, config=cfg))
+    t = best_times({'float32': (conv(None), (x, kern)), 'fma': (conv(FMA), (x, kern))},
+                   clock=clock)
+    out[f'depthwise {k}x{k} {size}x{size}x{c} fma fwd'] = dict(
+        ratio=t['fma'] / t['float32'], gmac_per_s=size * size * c * k * k / t['fma'] / 1e9)
+  return out
+
+
 def machine() -> str:
   return (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
           f'{jax.devices()[0].device_kind}, jax {jax.__version__}')
@@ -146,13 +169,14 @@ def machine() -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--out', help='write the figures as JSON here')
-  parser.add_argument('--gemm-only', action='store_true', help='skip the ResNet-18 conv')
+  parser.add_argument('--gemm-only', action='store_true', help='skip the convolutions')
   parser.add_argument('--cpu-time', action='store_true',
                       help="time the process's CPU seconds (all threads) instead of the wall: "
                            'on a machine shared with other jobs, waiting for a core adds none')
   args = parser.parse_args()
   clock = time.process_time if args.cpu_time else time.perf_counter
-  results = {**gemm(clock=clock), **({} if args.gemm_only else resnet_conv(clock=clock))}
+  results = {**gemm(clock=clock), **({} if args.gemm_only else {
+      **resnet_conv(clock=clock), **depthwise_conv(clock=clock)})}
   print(f'machine: {machine()}; clock: {"CPU time" if args.cpu_time else "wall"}')
   print(f'{"benchmark":<44} {"x float32":>10} {"G MAC/cpu-s" if args.cpu_time else "G MAC/s":>9}')
   for name, r in results.items():

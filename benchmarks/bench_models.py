@@ -4,7 +4,7 @@ ResNet-18 (32x32 inputs, batch 32) and BERT of MiniLM-L6's size (sequence 128, b
 python -m benchmarks.bench_models [--cpu-time]
 """
 
-import sys
+import argparse
 import time
 
 import numpy as np
@@ -62,7 +62,10 @@ def bert_step(clock=time.perf_counter):
 
 
 if __name__ == '__main__':
-  cpu = '--cpu-time' in sys.argv[1:]  # CPU seconds of the process, as bench_core --cpu-time
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('--cpu-time', action='store_true',
+                      help="time the process's CPU seconds (all threads), as bench_core does")
+  cpu = parser.parse_args().cpu_time
   clock = time.process_time if cpu else time.perf_counter
   print(f'machine: {machine()}; clock: {"CPU time" if cpu else "wall"}')
   for name, r in {**resnet18_step(clock), **bert_step(clock)}.items():

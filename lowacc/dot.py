@@ -261,7 +261,7 @@ def _accumulate_fwd(cfg: DotConfig, count: bool, x, w, key):
   counts = None
   if fwd is None or fwd.acc is None or x.shape[2] == 0:
     y, last = _float32_dot(x, w), None
-  elif native.supports(fwd) and not recursive and not count and not _sharded(x, w):
+  elif not count and _native_forward(fwd, x, w):
     # The native CPU kernel on the CPU, this XLA path elsewhere (equal where both are defined).
     y, last = lax.platform_dependent(
         x, w, cpu=lambda x, w: _vary(native.dot(x, w, fwd), x, w),
@@ -320,8 +320,8 @@ def gathered_dot(gather, source, rhs, config, *, key=None):
   cfg = DotConfig.of(config)
   fwd = cfg.fwd
   if (fwd is None or fwd.acc is None or fwd.lhs is not None or isinstance(fwd.rhs, IntQuant)
-      or fwd.ste.startswith('recursive') or not native.supports(fwd)
-      or jax.device_count() != 1 or _sharded(source, rhs) or rhs.shape[1] == 0):
+      or not _native_forward(fwd, source, rhs) or jax.device_count() != 1
+      or rhs.shape[1] == 0):
     return dot_general(gather(source), rhs, _BATCHED, config, key=key)
   if key is not None:
     check_key(key)
@@ -361,6 +361,13 @@ def _accumulate_gathered_bwd(cfg: DotConfig, gather, residuals, g):
 
 
 _accumulate_gathered.defvjp(_accumulate_gathered_fwd, _accumulate_gathered_bwd)
+
+
+def _native_forward(fwd: AccumulatorConfig, *operands) -> bool:
+  """Whether the native kernel computes this forward on the CPU: a config it covers, no
+  recursive estimator (its backward needs the chain's record), operands not sharded."""
+  return (native.supports(fwd) and not fwd.ste.startswith('recursive')
+          and not _sharded(*operands))
 
 
 def _vary(v, *like):
