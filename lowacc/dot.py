@@ -35,10 +35,15 @@ _PRODUCT_STREAM, _ACC_STREAM, _COMBINE_STREAM, _DLHS_STREAM, _DRHS_STREAM = rang
 
 def _step(s, u, acc, rand):
   """One step of a chain: `acc.step`, or a float32 sum for acc=None (combine=None), where a zero
-  s gives u itself (XLA on the CPU would flush a float32 subnormal u, which IEEE keeps)."""
+  s gives u itself (XLA on the CPU would flush a float32 subnormal u, which IEEE keeps), +0 for
+  +0 + -0. u is never tested for zero: inside a fusion, XLA on the CPU rewrites a test of the
+  bits for zero into a float32 compare, which reads a subnormal as a zero (for s that is how the
+  CPU's adds read it anyway); comparing with one bit pattern (+0, -0) it leaves alone."""
   if acc is None:
-    bits = lambda v: lax.bitcast_convert_type(v, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
-    out = jnp.where((bits(s) == 0) & (bits(u) != 0), u, float32_sum(s, u))
+    bits = lambda v: lax.bitcast_convert_type(v, jnp.uint32)
+    plus_zero_sum = (bits(s) == 0) & (bits(u) == jnp.uint32(0x80000000))  # +0 + -0
+    zero_s = (bits(s) & jnp.uint32(0x7FFFFFFF)) == 0
+    out = jnp.where(zero_s, jnp.where(plus_zero_sum, 0.0, u), float32_sum(s, u))
     return out, Flags.none(out.shape)
   return acc.step(s, u, rand)
 

@@ -85,16 +85,20 @@ def to_input_type(x, name: str):
 
 def _decompose(x, fraction_bits: int, min_exp: int, e_zero: int):
   """Finite float32 x in a type of `fraction_bits` -> (negative, m, q, e): |x| = m 2^q with
-  m < 2^(fraction_bits + 1), and e = max(floor(log2 |x|), min_exp), or e_zero for a zero."""
-  u = lax.bitcast_convert_type(x, _U32)
+  m < 2^(fraction_bits + 1), and e = max(floor(log2 |x|), min_exp), or e_zero for a zero.
+
+  From the bits alone, behind an optimization barrier: inside a fusion, XLA on the CPU (LLVM)
+  rewrites a test of x's bits for zero into the float32 compare x == 0, which reads a float32
+  subnormal as a zero (a fused result's gradual underflow, read back as the next step's c)."""
+  u = lax.optimization_barrier(lax.bitcast_convert_type(x, _U32))
   a = u & _U32(_ABS)
   biased = lax.shift_right_logical(a, _U32(23)).astype(jnp.int32)
   m24 = jnp.where(biased > 0, (a & _U32(0x7FFFFF)) | _U32(0x800000), a)
   drop = 23 - fraction_bits  # trailing bits every value of the type has clear
   m = lax.shift_right_logical(m24, _U32(drop))
   q = jnp.maximum(biased, 1) - 150 + drop
-  zero = a == 0
-  e = jnp.where(zero, e_zero, jnp.maximum(_exponent_of(jnp.where(zero, 1.0, x)), min_exp))
+  exponent = jnp.where(biased > 0, biased - 127, _floor_log2(a) - 149)  # -276 for a zero
+  e = jnp.where(a == 0, e_zero, jnp.maximum(exponent, min_exp))
   return u >= _U32(_SIGN), m, q, e
 
 

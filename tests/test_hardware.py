@@ -3,6 +3,8 @@
 Every (arch, instruction, shape_and_type) in mmasim's own tables is either a preset, checked bit
 for bit on normal, wide-range, heavy-cancellation and special-value operands at one instruction's
 k and at K = 3k (instructions chained through c), or one of the families `NOT_MODELLED` names.
+NVIDIA presets are checked on both forwards lowacc has on the CPU: the native kernel and the XLA
+path (`route`).
 """
 
 import functools
@@ -12,8 +14,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import jax
 import lowacc
 from lowacc import hardware
+from lowacc.kernels import native
 from tests import oracle
 from tests.conftest import assert_bits_equal
 
@@ -36,6 +40,23 @@ TYPES = {'tf32': (np.float32, torch.float32), 'f16': (np.float16, torch.float16)
 TYPE_FIELDS = {**hardware.INPUT_TYPES, **hardware.MFMA_INPUT_TYPES}
 FLOAT32_READ = ('tf32', 'xf32')  # float32 values the model truncates
 ROWS = 48  # dot products per input kind
+
+
+@pytest.fixture(params=['native', 'xla'])
+def route(request, monkeypatch):
+  """The forward lowacc takes: the native kernel (skipped where it is not built or does not cover
+  the preset: `check_route`) or the XLA path (native.supports patched off)."""
+  if request.param == 'xla':
+    jax.clear_caches()  # dots traced through the kernel must be traced again
+    monkeypatch.setattr(native, 'supports', lambda cfg: False)
+  elif not native.available():
+    pytest.skip('the native kernel is not available here')
+  return request.param
+
+
+def check_route(route, cfg):
+  if route == 'native' and not native.supports(cfg):
+    pytest.skip(f'the native kernel does not cover {cfg.acc.name}')
 
 
 def _nv_table():
@@ -177,10 +198,11 @@ def _same_computation(entries):
 
 @pytest.mark.parametrize('entries', _same_computation(MODELLED),
                          ids=lambda g: f'{g[0][1]}:{g[0][0]}:{g[0][2]}+{len(g) - 1}')
-def test_preset_equals_mmasim(entries):
+def test_preset_equals_mmasim(entries, route):
   instruction, arch, shape_and_type, _ = entries[0]
   op = _operation(instruction, arch, shape_and_type)
   cfg = hardware.mma(arch, instruction, shape_and_type)
+  check_route(route, cfg)
   for chained in (1, 3):
     x, w = _case(op.a_type_ptx, op.b_type_ptx, op.k * chained)
     y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
@@ -339,10 +361,11 @@ ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'),
 
 
 @pytest.mark.parametrize('entry', ORACLE_CASES, ids=lambda e: f'{e[1]}:{e[0]}:{e[2]}')
-def test_oracle_agrees_with_mmasim_and_lowacc(entry):
+def test_oracle_agrees_with_mmasim_and_lowacc(entry, route):
   """The exact-rational fused sum, on finite normal, wide-range and cancelling rows."""
   op = _operation(*entry)
   cfg = hardware.mma(entry[1], entry[0], entry[2])
+  check_route(route, cfg)
   x, w = _case(op.a_type_ptx, op.b_type_ptx, op.k * 2)
   rows = np.r_[0:4, ROWS:ROWS + 6, 2 * ROWS:2 * ROWS + 4]
   x, w = x[rows], w[rows]
@@ -359,17 +382,41 @@ def test_oracle_agrees_with_mmasim_and_lowacc(entry):
 
 @pytest.mark.parametrize('arch, instruction, shape_and_type', [
     ('Ampere', 'mma', 'm16n8k16.f32.bf16.bf16.f32'), ('CDNA3', 'mfma', 'f32_16x16x16_bf16')])
-def test_a_subnormal_times_inf_is_inf(arch, instruction, shape_and_type):
+def test_a_subnormal_times_inf_is_inf(arch, instruction, shape_and_type, route):
   """bf16 subnormal x -inf is -inf, not the NaN of inf x 0 (XLA on the CPU can read the
   subnormal as a zero)."""
   x, w = np.ones((1, 16), np.float32), np.ones((1, 16), np.float32)
   x[0, 2], w[0, 2] = 2.0 ** -130, -np.inf
   cfg = hardware.mma(arch, instruction, shape_and_type)
+  check_route(route, cfg)
   op = MFMA(arch, shape_and_type) if instruction == 'mfma' else _operation(instruction, arch,
                                                                          shape_and_type)
   expected = op.dpa(_to_mmasim(x, 'bf16'), _to_mmasim(w, 'bf16'), torch.zeros(1)).numpy()
   y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
   assert expected[0] == -np.inf
+  np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize('arch, instruction, shape_and_type', [
+    ('Ampere', 'mma', 'm16n8k16.f32.bf16.bf16.f32'), ('Hopper', 'wgmma', 'm64n8k16.f32.bf16.bf16')])
+def test_a_subnormal_result_is_the_next_instructions_c(arch, instruction, shape_and_type, route):
+  """Products just below 2^e_zero beside zero products: an fp32 subnormal result, read back as
+  the next instruction's c (the XLA path read it as a zero: XLA on the CPU rewrote a test of
+  its bits into a float32 compare)."""
+  op = _operation(instruction, arch, shape_and_type)
+  cfg = hardware.mma(arch, instruction, shape_and_type)
+  check_route(route, cfg)
+  rng = np.random.default_rng(5)
+  tiny = 2.0 ** ((cfg.acc.e_zero - 3) // 2)
+  x = _in_type(tiny * (1 + rng.random((8, 3 * op.k))), op.a_type_ptx)
+  w = _in_type(tiny * (1 + rng.random((8, 3 * op.k))), op.b_type_ptx)
+  x[:, ::3] = 0.0
+  expected = _reference(op, x, w, op.a_type_ptx, op.b_type_ptx)
+  assert np.all((expected != 0) & (np.abs(expected) < 2.0 ** -126))
+  exact = np.array([oracle.fused_chain([float(v) for v in xi], [float(v) for v in wi], cfg.acc)
+                    for xi, wi in zip(x, w)], np.float32)
+  np.testing.assert_array_equal(exact.view(np.uint32), expected.view(np.uint32))
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
   np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
 
 
