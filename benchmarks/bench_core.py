@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 
 import lowacc
+from lowacc import hardware
 from lowacc.dot import _Chain, _forward
 
 CHUNK = lowacc.PAPER_M7E4.replace(order='chunk', product=None)  # M7E4, chunk 16, one rounding
@@ -72,11 +73,20 @@ def seconds(fn, *args, repeats=5):
   return best_times({'': (fn, args)}, repeats)['']
 
 
-def _xla_chunk_path(x, w):
-  """CHUNK's forward through lowacc.dot's XLA path, which dot_general leaves for the native
-  kernel on the CPU: the reference the kernel is measured against."""
-  chain = _Chain.layout(CHUNK, x[None], w[None], None)
+# Matrix units (lowacc.hardware) the sweeps' hardware axis takes: fp16 and FP8 Hopper, bf16 Ampere.
+UNITS = ('Hopper/wgmma/m64n8k16.f32.f16.f16', 'Hopper/wgmma/m64n8k32.f32.e4m3.e4m3',
+         'Ampere/mma/m16n8k16.f32.bf16.bf16.f32')
+
+
+def _xla_path(cfg, x, w):
+  """cfg's forward through lowacc.dot's XLA path, which dot_general leaves for the native kernel
+  on the CPU: the reference the kernel is measured against."""
+  chain = _Chain.layout(cfg, x[None], w[None], None)
   return _forward(chain, False, False)[0][0]
+
+
+def _xla_chunk_path(x, w):
+  return _xla_path(CHUNK, x, w)
 
 
 def gemm(n=1024, clock=time.perf_counter):
@@ -161,6 +171,24 @@ def depthwise_conv(clock=time.perf_counter):
   return out
 
 
+def matrix_units(n=512, clock=time.perf_counter):
+  """The UNITS presets at n^3: the native kernel's fused dot products and the XLA path."""
+  rng = np.random.default_rng(3)
+  x, w = (jnp.asarray(rng.standard_normal((n, n)), jnp.float32) for _ in range(2))
+  calls = {'float32': (jax.jit(jnp.dot), (x, w))}
+  for name in UNITS:
+    cfg = hardware.parse(name)
+    calls[name] = (jax.jit(lambda a, b, cfg=cfg: lowacc.matmul(a, b, cfg)), (x, w))
+    calls[name + ' xla'] = (jax.jit(lambda a, b, cfg=cfg: _xla_path(cfg, a, b)), (x, w))
+  t = best_times(calls, repeats=3, clock=clock)
+  out = {}
+  for name in UNITS:
+    for suffix, label in (('', 'native'), (' xla', 'XLA path')):
+      out[f'gemm{n} {name}, {label}'] = dict(ratio=t[name + suffix] / t['float32'],
+                                             gmac_per_s=n ** 3 / t[name + suffix] / 1e9)
+  return out
+
+
 def machine() -> str:
   return (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
           f'{jax.devices()[0].device_kind}, jax {jax.__version__}')
@@ -175,13 +203,13 @@ def main():
                            'on a machine shared with other jobs, waiting for a core adds none')
   args = parser.parse_args()
   clock = time.process_time if args.cpu_time else time.perf_counter
-  results = {**gemm(clock=clock), **({} if args.gemm_only else {
+  results = {**gemm(clock=clock), **matrix_units(clock=clock), **({} if args.gemm_only else {
       **resnet_conv(clock=clock), **depthwise_conv(clock=clock)})}
   print(f'machine: {machine()}; clock: {"CPU time" if args.cpu_time else "wall"}')
-  print(f'{"benchmark":<44} {"x float32":>10} {"G MAC/cpu-s" if args.cpu_time else "G MAC/s":>9}')
+  print(f'{"benchmark":<60} {"x float32":>10} {"G MAC/cpu-s" if args.cpu_time else "G MAC/s":>9}')
   for name, r in results.items():
     gmacs = f'{r["gmac_per_s"]:.3f}' if 'gmac_per_s' in r else '-'
-    print(f'{name:<44} {r["ratio"]:>10.1f} {gmacs:>9}')
+    print(f'{name:<60} {r["ratio"]:>10.1f} {gmacs:>9}')
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(dict(machine=machine(), clock='cpu' if args.cpu_time else 'wall',

@@ -7,7 +7,7 @@ import pytest
 from jax import lax
 
 import lowacc
-from lowacc import AccumulatorConfig, FloatFormat
+from lowacc import AccumulatorConfig, FloatFormat, hardware
 from tests.conftest import assert_bits_equal
 
 CFG = AccumulatorConfig(acc=FloatFormat(4, 7, bias=10, rounding='toward_zero'),
@@ -120,6 +120,7 @@ ROUTE_CONFIGS = [
     lowacc.DotConfig(CFG.replace(order='chunk', chunk_size=5), dlhs=CFG, drhs=CFG),
     lowacc.PAPER_M7E4.replace(acc=lowacc.PAPER_ACC.replace(underflow='none'),
                               ste='immediate_both'),
+    hardware.parse('Hopper/wgmma/m64n8k32.f32.e5m2.e4m3'),  # a fused kind, two input types
 ]
 
 

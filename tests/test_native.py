@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import lowacc
-from lowacc import AccumulatorConfig, FloatFormat
+from lowacc import AccumulatorConfig, FloatFormat, hardware
 from lowacc.dot import _Chain, _forward
 from lowacc.kernels import native
 from tests.conftest import assert_bits_equal, boundary_inputs
@@ -473,3 +473,57 @@ def test_scaled_path_equals_exact_oracle(acc_rounding):
   x[0, 0, 3], x[0, 1, 20], w[0, 7, 5] = np.inf, np.nan, -np.inf
   x[0, 2, :] = 4.0  # saturates
   assert_bits_equal(native.dot(x, w, cfg), oracle_dot(x, w, cfg)[0], f'{cfg}')
+
+
+# Matrix units' fused dot products (chunk_dot.cc's Fused): f16 and f32 outputs, both roundings,
+# each input type's range, mixed FP8 types; test_hardware checks every preset against mmasim.
+FUSED_PRESETS = ('Volta/mma/m8n8k4.f16.f16.f16.f16', 'Ampere/mma/m16n8k8.f32.tf32.tf32.f32',
+                 'Ampere/mma/m16n8k16.f32.bf16.bf16.f32', 'Ampere/mma/m16n8k16.f16.f16.f16.f16',
+                 'Hopper/wgmma/m64n8k32.f32.e5m2.e4m3',
+                 'Blackwell/tcgen05.mma/m64n8k16.f32.f16.f16')
+
+
+def fused_operands(rng, acc, kind, n):
+  """x (2, 37, K), w (2, K, n), K = 3 groups and 5 (a short last group): normal values, a
+  wide range of exponents (beyond each input type's both ends), or specials planted across
+  groups: +inf then -inf (NaN), inf x 0, a NaN, an overflow (of an f16 output) then -inf, a row
+  of signed zeros, and products just below 2^e_zero beside zero products, whose e_zero is then
+  the largest exponent."""
+  group = acc.group
+  k = 3 * group + 5
+  scale = lambda shape: np.exp2(rng.integers(-40, 24, shape)) if kind == 'wide' else 1.0
+  x = rng.standard_normal((2, 37, k)) * scale((2, 37, k))
+  w = rng.standard_normal((2, k, n)) * scale((2, k, n))
+  if kind == 'special':
+    x[0, 0, 1], x[0, 0, 2 * group + 1] = np.inf, -np.inf
+    x[0, 1, 3], w[0, 3, 0] = np.inf, 0.0
+    x[0, 2, 5] = np.nan
+    x[0, 3, :group], w[0, :group, :] = 300.0, 300.0
+    x[0, 3, group + 2] = -np.inf
+    x[1, 0, :] = np.where(np.arange(k) % 2, 0.0, -0.0)
+    tiny = 2.0 ** ((acc.e_zero - 3) // 2)
+    x[1, 1, :], w[1, :, :] = tiny * (1 + rng.random(k)), tiny * (1 + rng.random((k, n)))
+    x[1, 1, ::3] = 0.0
+  return x.astype(np.float32), w.astype(np.float32)
+
+
+@pytest.mark.parametrize('name', FUSED_PRESETS)
+def test_fused_dot_products_equal_xla_path(name):
+  cfg = hardware.parse(name)
+  assert native.supports(cfg)
+  rng = np.random.default_rng(len(name))
+  for kind, n in itertools.product(('normal', 'wide', 'special'), (45, 1)):  # 1: transposed
+    with np.errstate(over='ignore', invalid='ignore'):
+      x, w = fused_operands(rng, cfg.acc, kind, n)
+    assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), f'{name} {kind} n={n}')
+  xs, ws = np.stack([x, -x]), np.stack([w, w[:, ::-1]])
+  assert_bits_equal(jax.vmap(lambda a, b: native.dot(a, b, cfg))(xs, ws),
+                    np.stack([xla_path(cfg, a, b) for a, b in zip(xs, ws)]), f'{name} vmap')
+
+
+def test_fused_kind_takes_the_kernel_only_where_it_covers_it():
+  assert native.supports(hardware.parse('Hopper/wgmma/m64n8k32.f32.e4m3.e4m3'))
+  assert not native.supports(hardware.parse('Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128'))
+  # d written as f32, c read as f16: the kernel reads c in the type it writes.
+  assert not native.supports(hardware.parse('Volta/mma/m8n8k4.f32.f16.f16.f16'))
+  assert not native.supports(hardware.parse('CDNA3/mfma/f32_16x16x16_bf16'))

@@ -11,6 +11,8 @@
 // output tile keeps its chain in AVX-512 registers and its total in L1 for the whole contraction.
 // Work items (batch, 256-row block, 32-column panel) are shared out over XLA's intra-op pool.
 // A convolution's patch GEMM reads its patches from the padded input (ConvGeometry).
+// A matrix unit's fused dot products (lowacc.hardware.FusedDotProduct) take their own chain,
+// in integers (Fused, FusedTile).
 //
 // Formats (lowacc.kernels.native.supports): deterministic rounding, man_bits < 23, underflow
 // 'flush' with min_exp > -126 or 'none'. With float32 subnormals flushed (FTZ/DAZ, set here as XLA
@@ -38,7 +40,8 @@
 
 namespace ffi = xla::ffi;
 
-#define LOWACC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+#define LOWACC_AVX512 \
+  __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512cd,fma")))
 
 namespace {
 
@@ -368,6 +371,131 @@ LOWACC_AVX512 inline __m512 ScaledStep(__m512 s, __m512 p, __m512 across, const 
 
 enum Order : int64_t { kOrderChunk = 0, kOrderFma = 1 };
 
+// A matrix unit's fused dot product (lowacc.hardware.FusedDotProduct, whose doc is the semantics)
+// as lowacc.kernels.native encodes it: [group, fraction_bits, e_zero, a_frac, a_min, b_frac,
+// b_min, out_frac, out_min, out_max, nearest_even, c_frac, c_min, nan_bits]; a_* for x's type,
+// b_* for w's. Each output's chain takes K in groups of `group` products from c = +0 (one chunk,
+// no combine); x and w hold values of their input types (native.py rounds them into those).
+// Everything is integer arithmetic on the float32 bits, so FTZ/DAZ does not touch it.
+struct Fused {
+  int64_t group;
+  int f, e_zero, a_frac, a_min, b_frac, b_min, p, out_min, out_max, c_frac, c_min;
+  bool nearest;
+  uint32_t nan_bits;
+  // Left shifts after which every term's truncation to a multiple of 2^(e_max - F) is a right
+  // shift by a nonnegative count: a product's q + F - e_max is at most F - a_frac - b_frac, c's
+  // at most F - c_frac (q <= e - frac for every value of a type).
+  int sp, sc;
+
+  static Fused Of(ffi::Span<const int64_t> v) {
+    Fused r;
+    r.group = v[0];
+    int* fields[] = {&r.f, &r.e_zero, &r.a_frac, &r.a_min, &r.b_frac, &r.b_min, &r.p,
+                     &r.out_min, &r.out_max};
+    for (int i = 0; i < 9; ++i) *fields[i] = static_cast<int>(v[1 + i]);
+    r.nearest = v[10] != 0;
+    r.c_frac = static_cast<int>(v[11]);
+    r.c_min = static_cast<int>(v[12]);
+    r.nan_bits = static_cast<uint32_t>(v[13]);
+    r.sp = std::max(r.f - r.a_frac - r.b_frac, 0);
+    r.sc = std::max(r.f - r.c_frac, 0);
+    return r;
+  }
+};
+
+constexpr uint32_t kAbs = 0x7FFFFFFFu, kSign = 0x80000000u;
+// An exponent below every product's, for a zero operand: its products never set e_max.
+constexpr int32_t kNoExponent = -(1 << 20);
+
+// A value of a type with `frac` fraction bits and smallest normal exponent emin, from its float32
+// bits u (finite): |v| = m 2^q, e = max(floor(log2 |v|), emin), or e_zero for a zero
+// (hardware.py's _decompose).
+struct Term {
+  uint32_t m;
+  int32_t q, e;
+  static Term Of(uint32_t u, int frac, int emin, int32_t e_zero) {
+    const uint32_t a = u & kAbs;
+    const int32_t biased = static_cast<int32_t>(a >> 23), drop = 23 - frac;
+    const uint32_t m24 = biased ? (a & 0x7FFFFFu) | 0x800000u : a;
+    return {m24 >> drop, std::max(biased, 1) - 150 + drop,
+            a == 0 ? e_zero : std::max(biased - 127, emin)};
+  }
+};
+
+inline uint32_t Shift(uint32_t m, int k) {  // m 2^k truncated toward zero
+  return k >= 0 ? m << std::min(k, 31) : m >> std::min(-k, 31);
+}
+
+inline int BitLength(uint32_t v) { return v ? 32 - __builtin_clz(v) : 0; }
+
+// The float32 bits of |total 2^base| rounded into f's output type (hardware.py's _round, then
+// overflow to inf); 0 where it rounds to zero.
+inline uint32_t FusedMagnitude(uint32_t total, int base, const Fused& f) {
+  if (total == 0) return 0;
+  const int quantum = std::max(base + BitLength(total) - 1, f.out_min) - f.p;
+  const int drop = quantum - base;
+  uint32_t r;
+  if (drop <= 0) {
+    r = total << std::min(-drop, 31);
+  } else {
+    const int d = std::min(drop, 32);
+    r = d >= 32 ? 0 : total >> d;
+    if (f.nearest) {
+      const uint32_t rem = d >= 32 ? total : total & ((1u << d) - 1u), half = 1u << (d - 1);
+      r += rem > half || (rem == half && (r & 1u));
+    }
+  }
+  if (r == 0) return 0;
+  const int lead = quantum + BitLength(r) - 1;
+  if (lead > f.out_max) return kInfBits;
+  if (lead < -126) return r << std::clamp(quantum + 149, 0, 31);
+  const float v = static_cast<float>(r);
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits + (static_cast<uint32_t>(quantum) << 23);
+}
+
+// FusedDotProduct.step for one output with any operands, infinities and NaN included: c (float32
+// bits) fused with the n products x[kk] w[kk * ws], kk < n, and group - n zero products.
+uint32_t FusedStep(uint32_t c, const float* x, const float* w, int64_t ws, int64_t n,
+                   const Fused& f) {
+  const auto bits = [](const float* v) {
+    uint32_t u;
+    std::memcpy(&u, v, sizeof u);
+    return u;
+  };
+  const auto finite = [](uint32_t u) { return (u & kAbs) < kInfBits ? u : 0u; };
+  bool pinf = c == kInfBits, ninf = c == (kInfBits | kSign), nan = (c & kAbs) > kInfBits;
+  const uint32_t cf = finite(c);
+  const Term tc = Term::Of(cf, f.c_frac, f.c_min, f.e_zero);
+  int32_t e_max = n < f.group ? std::max(tc.e, f.e_zero) : tc.e;
+  for (int64_t kk = 0; kk < n; ++kk) {
+    const uint32_t xu = bits(x + kk), wu = bits(w + kk * ws), xa = xu & kAbs, wa = wu & kAbs;
+    const bool prod_nan = xa > kInfBits || wa > kInfBits || (xa == kInfBits && wa == 0) ||
+                          (xa == 0 && wa == kInfBits);
+    if (!prod_nan && (xa == kInfBits || wa == kInfBits)) ((xu ^ wu) & kSign ? ninf : pinf) = true;
+    nan |= prod_nan;
+    const Term tx = Term::Of(finite(xu), f.a_frac, f.a_min, f.e_zero);
+    const Term tw = Term::Of(finite(wu), f.b_frac, f.b_min, f.e_zero);
+    e_max = std::max(e_max, tx.m * tw.m == 0 ? f.e_zero : tx.e + tw.e);
+  }
+  uint32_t pos = 0, neg = 0;
+  (cf & kSign ? neg : pos) += Shift(tc.m, tc.q + f.f - e_max);
+  for (int64_t kk = 0; kk < n; ++kk) {
+    const uint32_t xu = bits(x + kk), wu = bits(w + kk * ws);
+    const Term tx = Term::Of(finite(xu), f.a_frac, f.a_min, f.e_zero);
+    const Term tw = Term::Of(finite(wu), f.b_frac, f.b_min, f.e_zero);
+    ((xu ^ wu) & kSign ? neg : pos) += Shift(tx.m * tw.m, tx.q + tw.q + f.f - e_max);
+  }
+  const bool negative = neg > pos;
+  const uint32_t mag = FusedMagnitude(negative ? neg - pos : pos - neg, e_max - f.f, f);
+  uint32_t out = mag ? mag | (negative ? kSign : 0u) : 0u;
+  if (pinf) out = kInfBits;
+  else if (ninf) out = kInfBits | kSign;
+  return nan || (pinf && ninf) ? f.nan_bits : out;
+}
+
+
 struct Problem;
 using TileFn = void (*)(const Problem&, const float*, const float*, float*, int, int);
 
@@ -391,8 +519,9 @@ struct Problem {
   ConvGeometry geometry;
   const int64_t* taps;  // tap t's run of cg channels lies taps[t] past the patch's start
   Format acc, product, combine;
-  bool fma, has_product, has_combine, exact_step, exact_combine, scaled;
-  bool finite;  // x and w finite (set where scaled)
+  Fused fused;  // the fused dot-product kind (is_fused)
+  bool fma, has_product, has_combine, exact_step, exact_combine, scaled, is_fused;
+  bool finite;  // x and w finite (set where scaled or is_fused)
   TileFn tile;    // the Tile instance for this problem (TileFor)
   int tile_rows;  // its rows
   // The scaled path (scaled; SetScaled): the product's constants, from float32 into its scale; the
@@ -601,10 +730,240 @@ void TileFor(Problem& p) {
   }
 }
 
+// The fused chain of a rows x cols tile by FusedStep, one output at a time: where an operand is
+// an infinity or a NaN (p.finite false).
+void FusedTileAnyOperands(const Problem& p, const float* x, const float* wp, float* y, int rows,
+                          int cols) {
+  const Fused& f = p.fused;
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < cols; ++j) {
+      uint32_t s = 0;
+      for (int64_t k0 = 0; k0 < p.k; k0 += f.group)
+        s = FusedStep(s, x + r * p.k + k0, wp + k0 * kCols + j, kCols,
+                      std::min(f.group, p.k - k0), f);
+      std::memcpy(y + r * p.n + j, &s, sizeof s);
+    }
+  }
+}
+
+// The operands of the vector fused chain, decomposed once: a panel of w (Item: k x kCols) and a
+// tile's rows of x (kFusedRows x k). A zero operand's exponent is kNoExponent; `zero` marks the
+// groups where an operand is zero, whose zero products bring e_zero into e_max (a short last
+// group counts, its padding being zero products).
+constexpr int kFusedRows = 4;
+struct FusedPanel {  // per column lane: m << sp, q, e; per group a zero mask of each vector
+  int32_t *m, *q, *e;
+  __mmask16 (*negative)[2][2];  // [kk][x's sign][vector]: lanes where the product is negative
+  __mmask16 (*zero)[2];
+};
+struct FusedRows {
+  int32_t *m, *q, *e;  // [r * k + kk]
+  uint8_t* negative;
+  __mmask16* zero;  // [r * groups + g]: 0 or 0xFFFF
+};
+
+// Term::Of for 16 lanes, but kNoExponent for a zero.
+LOWACC_AVX512 inline void DecomposeV(__m512i u, int frac, int emin, __m512i* m, __m512i* q,
+                                     __m512i* e) {
+  const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(kAbs)));
+  const __m512i biased = _mm512_srli_epi32(a, 23);
+  const __m512i m24 = _mm512_mask_mov_epi32(
+      a, _mm512_cmpgt_epi32_mask(biased, _mm512_setzero_si512()),
+      _mm512_or_si512(_mm512_and_si512(a, _mm512_set1_epi32(0x7FFFFF)),
+                      _mm512_set1_epi32(0x800000)));
+  const int drop = 23 - frac;
+  *m = _mm512_srl_epi32(m24, _mm_cvtsi32_si128(drop));
+  *q = _mm512_add_epi32(_mm512_max_epi32(biased, _mm512_set1_epi32(1)),
+                        _mm512_set1_epi32(drop - 150));
+  *e = _mm512_mask_mov_epi32(
+      _mm512_max_epi32(_mm512_sub_epi32(biased, _mm512_set1_epi32(127)), _mm512_set1_epi32(emin)),
+      _mm512_cmpeq_epi32_mask(a, _mm512_setzero_si512()), _mm512_set1_epi32(kNoExponent));
+}
+
+LOWACC_AVX512 void DecomposePanel(const Problem& p, const float* wp, const FusedPanel& d) {
+  const Fused& f = p.fused;
+  const int64_t groups = (p.k + f.group - 1) / f.group;
+  for (int64_t g = 0; g < groups; ++g) {
+    const bool short_group = (g + 1) * f.group > p.k;
+    d.zero[g][0] = d.zero[g][1] = short_group ? 0xFFFF : 0;
+  }
+  for (int64_t kk = 0; kk < p.k; ++kk) {
+    for (int v = 0; v < 2; ++v) {
+      const __m512i u = _mm512_load_si512(wp + kk * kCols + 16 * v);
+      __m512i m, q, e;
+      DecomposeV(u, f.b_frac, f.b_min, &m, &q, &e);
+      const int64_t at = kk * kCols + 16 * v;
+      _mm512_store_si512(d.m + at, _mm512_sll_epi32(m, _mm_cvtsi32_si128(f.sp)));
+      _mm512_store_si512(d.q + at, q);
+      _mm512_store_si512(d.e + at, e);
+      const __mmask16 negative = _mm512_movepi32_mask(u);
+      d.negative[kk][0][v] = negative;
+      d.negative[kk][1][v] = static_cast<__mmask16>(~negative);
+      d.zero[kk / f.group][v] |= _mm512_cmpeq_epi32_mask(m, _mm512_setzero_si512());
+    }
+  }
+}
+
+LOWACC_AVX512 void DecomposeRows(const Problem& p, const float* x, int rows, const FusedRows& d) {
+  const Fused& f = p.fused;
+  const int64_t groups = (p.k + f.group - 1) / f.group;
+  for (int r = 0; r < kFusedRows; ++r) {
+    const float* row = x + std::min(r, rows - 1) * p.k;
+    for (int64_t g = 0; g < groups; ++g) d.zero[r * groups + g] = 0;
+    for (int64_t k0 = 0; k0 < p.k; k0 += 16) {
+      const __mmask16 lanes = p.k - k0 >= 16 ? 0xFFFF : (1u << (p.k - k0)) - 1u;
+      const __m512i u = _mm512_maskz_loadu_epi32(lanes, row + k0);
+      __m512i m, q, e;
+      DecomposeV(u, f.a_frac, f.a_min, &m, &q, &e);
+      const int64_t at = r * p.k + k0;
+      _mm512_mask_storeu_epi32(d.m + at, lanes, m);
+      _mm512_mask_storeu_epi32(d.q + at, lanes, q);
+      _mm512_mask_storeu_epi32(d.e + at, lanes, e);
+      const __mmask16 negative = _mm512_movepi32_mask(u);
+      const __mmask16 zero = _mm512_cmpeq_epi32_mask(m, _mm512_setzero_si512()) & lanes;
+      for (int i = 0; i < 16 && k0 + i < p.k; ++i) {
+        d.negative[at + i] = (negative >> i) & 1;
+        if ((zero >> i) & 1) d.zero[r * groups + (k0 + i) / f.group] = 0xFFFF;
+      }
+    }
+  }
+}
+
+// |total 2^base| rounded into f's output type for 16 lanes (FusedMagnitude), signed by
+// `negative`; +0 where it rounds to zero.
+LOWACC_AVX512 inline __m512i FusedRoundV(__m512i total, __m512i base, __mmask16 negative,
+                                         const Fused& f) {
+  const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+  const __m512i bits32 = _mm512_set1_epi32(32);
+  const __m512i length = _mm512_sub_epi32(bits32, _mm512_lzcnt_epi32(total));
+  const __m512i quantum = _mm512_sub_epi32(
+      _mm512_max_epi32(_mm512_add_epi32(base, _mm512_sub_epi32(length, one)),
+                       _mm512_set1_epi32(f.out_min)),
+      _mm512_set1_epi32(f.p));
+  const __m512i drop = _mm512_sub_epi32(quantum, base);
+  const __mmask16 left = _mm512_cmple_epi32_mask(drop, zero);
+  const __m512i d = _mm512_min_epi32(_mm512_max_epi32(drop, zero), bits32);
+  __m512i r = _mm512_srlv_epi32(total, d);  // a count of 32 gives 0
+  if (f.nearest) {
+    const __m512i rem = _mm512_and_si512(total, _mm512_sub_epi32(_mm512_sllv_epi32(one, d), one));
+    const __m512i half = _mm512_sllv_epi32(one, _mm512_sub_epi32(d, one));
+    const __mmask16 up = _mm512_mask_cmpgt_epu32_mask(static_cast<__mmask16>(~left), rem, half) |
+                         (_mm512_mask_cmpeq_epi32_mask(static_cast<__mmask16>(~left), rem, half) &
+                          _mm512_test_epi32_mask(r, one));
+    r = _mm512_mask_add_epi32(r, up, r, one);
+  }
+  r = _mm512_mask_mov_epi32(r, left, _mm512_sllv_epi32(total, _mm512_sub_epi32(zero, drop)));
+  const __m512i lead = _mm512_sub_epi32(
+      _mm512_add_epi32(quantum, _mm512_sub_epi32(bits32, _mm512_lzcnt_epi32(r))), one);
+  __m512i mag = _mm512_add_epi32(_mm512_castps_si512(_mm512_cvtepu32_ps(r)),
+                                 _mm512_slli_epi32(quantum, 23));
+  const __m512i subnormal = _mm512_sllv_epi32(
+      r, _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(quantum, _mm512_set1_epi32(149)),
+                                           zero),
+                          _mm512_set1_epi32(31)));
+  mag = _mm512_mask_mov_epi32(mag, _mm512_cmplt_epi32_mask(lead, _mm512_set1_epi32(-126)),
+                              subnormal);
+  mag = _mm512_mask_mov_epi32(mag, _mm512_cmpgt_epi32_mask(lead, _mm512_set1_epi32(f.out_max)),
+                              _mm512_set1_epi32(static_cast<int>(kInfBits)));
+  mag = _mm512_mask_or_epi32(mag, negative, mag, _mm512_set1_epi32(static_cast<int>(kSign)));
+  return _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(r, r), mag);
+}
+
+// The fused chain of a tile of finite operands (p.finite): kFusedRows rows x kCols, 8 output
+// vectors, each group in two passes over its products: e_max, then the truncated sums. The
+// running c stays in L1 (`total`); it can be an infinity only by an overflow, and then stays it.
+LOWACC_AVX512 void FusedTile(const Problem& p, const FusedRows& xd, const FusedPanel& wd,
+                             float* y, int rows, int cols) {
+  constexpr int R = kFusedRows, kVectors = 2 * R;
+  const Fused& f = p.fused;
+  const int64_t groups = (p.k + f.group - 1) / f.group;
+  alignas(64) uint32_t total[R][kCols] = {};
+  const __m512i e_zero = _mm512_set1_epi32(f.e_zero), abs = _mm512_set1_epi32(kAbs);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * f.group, k1 = std::min(p.k, k0 + f.group);
+    __m512i base[kVectors];  // e_max, then e_max + sp - F: a product's count is base - q
+#pragma GCC unroll 16
+    for (int i = 0; i < kVectors; ++i) {
+      const __m512i s = _mm512_load_si512(&total[0][0] + 16 * i);
+      __m512i m, q, e;
+      DecomposeV(s, f.c_frac, f.c_min, &m, &q, &e);
+      // A zero c is a zero term (e_zero), as an infinite one is read.
+      base[i] = _mm512_mask_mov_epi32(
+          e, _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(kNoExponent)) |
+                 _mm512_cmpeq_epi32_mask(_mm512_and_si512(s, abs),
+                                         _mm512_set1_epi32(static_cast<int>(kInfBits))),
+          e_zero);
+    }
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      const __m512i e0 = _mm512_load_si512(wd.e + kk * kCols);
+      const __m512i e1 = _mm512_load_si512(wd.e + kk * kCols + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512i ex = _mm512_set1_epi32(xd.e[r * p.k + kk]);
+        base[2 * r] = _mm512_max_epi32(base[2 * r], _mm512_add_epi32(ex, e0));
+        base[2 * r + 1] = _mm512_max_epi32(base[2 * r + 1], _mm512_add_epi32(ex, e1));
+      }
+    }
+    __m512i all[kVectors], neg[kVectors];
+#pragma GCC unroll 16
+    for (int i = 0; i < kVectors; ++i) {
+      const __mmask16 zero = wd.zero[g][i % 2] | xd.zero[(i / 2) * groups + g];
+      base[i] = _mm512_mask_max_epi32(base[i], zero, base[i], e_zero);
+      // c's term: m 2^(q + F - e_max), truncated; an infinite c is read as a zero.
+      const __m512i s = _mm512_load_si512(&total[0][0] + 16 * i);
+      const __m512i cf = _mm512_maskz_mov_epi32(
+          _mm512_cmplt_epu32_mask(_mm512_and_si512(s, abs),
+                                  _mm512_set1_epi32(static_cast<int>(kInfBits))), s);
+      __m512i m, q, e;
+      DecomposeV(cf, f.c_frac, f.c_min, &m, &q, &e);
+      const __m512i count = _mm512_sub_epi32(
+          _mm512_add_epi32(base[i], _mm512_set1_epi32(f.sc - f.f)), q);
+      all[i] = _mm512_srlv_epi32(_mm512_sll_epi32(m, _mm_cvtsi32_si128(f.sc)), count);
+      neg[i] = _mm512_maskz_mov_epi32(_mm512_movepi32_mask(cf), all[i]);
+      base[i] = _mm512_add_epi32(base[i], _mm512_set1_epi32(f.sp - f.f));
+    }
+    for (int64_t kk = k0; kk < k1; ++kk) {
+      const __m512i m0 = _mm512_load_si512(wd.m + kk * kCols);
+      const __m512i m1 = _mm512_load_si512(wd.m + kk * kCols + 16);
+      const __m512i q0 = _mm512_load_si512(wd.q + kk * kCols);
+      const __m512i q1 = _mm512_load_si512(wd.q + kk * kCols + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = r * p.k + kk;
+        const __m512i mx = _mm512_set1_epi32(xd.m[at]), qx = _mm512_set1_epi32(xd.q[at]);
+        const __mmask16* negative = wd.negative[kk][xd.negative[at]];
+        const __m512i t0 = _mm512_srlv_epi32(_mm512_mullo_epi32(mx, m0),
+                                             _mm512_sub_epi32(base[2 * r], _mm512_add_epi32(qx, q0)));
+        const __m512i t1 = _mm512_srlv_epi32(
+            _mm512_mullo_epi32(mx, m1), _mm512_sub_epi32(base[2 * r + 1], _mm512_add_epi32(qx, q1)));
+        all[2 * r] = _mm512_add_epi32(all[2 * r], t0);
+        all[2 * r + 1] = _mm512_add_epi32(all[2 * r + 1], t1);
+        neg[2 * r] = _mm512_mask_add_epi32(neg[2 * r], negative[0], neg[2 * r], t0);
+        neg[2 * r + 1] = _mm512_mask_add_epi32(neg[2 * r + 1], negative[1], neg[2 * r + 1], t1);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < kVectors; ++i) {
+      const __m512i pos = _mm512_sub_epi32(all[i], neg[i]);
+      const __mmask16 negative = _mm512_cmpgt_epu32_mask(neg[i], pos);
+      const __m512i sum = _mm512_mask_sub_epi32(_mm512_sub_epi32(pos, neg[i]), negative, neg[i],
+                                                pos);
+      const __m512i out = FusedRoundV(
+          sum, _mm512_sub_epi32(base[i], _mm512_set1_epi32(f.sp)), negative, f);
+      uint32_t* t = &total[0][0] + 16 * i;
+      const __m512i s = _mm512_load_si512(t);
+      _mm512_store_si512(t, _mm512_mask_mov_epi32(
+          out, _mm512_cmpeq_epi32_mask(_mm512_and_si512(s, abs),
+                                       _mm512_set1_epi32(static_cast<int>(kInfBits))), s));
+    }
+  }
+  for (int r = 0; r < rows; ++r) std::memcpy(y + r * p.n, total[r], cols * sizeof(float));
+}
+
 // Work item: batch b, rows [i0, i0 + kBlockRows), columns [j0, j0 + kCols); wp: scratch of
 // p.k x kCols, xs: of kRows x p.k (kPatchesX).
 LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, float* wp,
-                        float* xs) {
+                        float* xs, const FusedPanel& wd, const FusedRows& xd) {
   const int cols = static_cast<int>(std::min<int64_t>(kCols, p.n - j0));
   const int64_t cg = p.geometry.cg, taps = p.geometry.kh * p.geometry.kw;
   if (p.operands == kPatchesW) {  // column j: patch j0 + j
@@ -622,6 +981,8 @@ LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, flo
       std::memset(wp + kk * kCols + cols, 0, (kCols - cols) * sizeof(float));
     }
   }
+  const bool vector_fused = p.is_fused && p.finite;
+  if (vector_fused) DecomposePanel(p, wp, wd);
   const int64_t i1 = std::min(p.m, i0 + kBlockRows);
   for (int64_t i = i0; i < i1; i += p.tile_rows) {
     const int rows = static_cast<int>(std::min<int64_t>(p.tile_rows, i1 - i));
@@ -634,17 +995,61 @@ LOWACC_AVX512 void Item(const Problem& p, int64_t b, int64_t i0, int64_t j0, flo
       }
       x = xs;
     }
-    p.tile(p, x, wp, p.y + (b * p.m + i) * p.n + j0, rows, cols);
+    float* y = p.y + (b * p.m + i) * p.n + j0;
+    if (vector_fused) {
+      DecomposeRows(p, x, rows, xd);
+      FusedTile(p, xd, wd, y, rows, cols);
+    } else if (p.is_fused) {
+      FusedTileAnyOperands(p, x, wp, y, rows, cols);
+    } else {
+      p.tile(p, x, wp, y, rows, cols);
+    }
   }
 }
+
+// A worker's scratch for the vector fused chain (none unless p.is_fused), 64-byte aligned.
+struct FusedScratch {
+  FusedPanel panel{};
+  FusedRows rows{};
+  void* block = nullptr;
+
+  explicit FusedScratch(const Problem& p) {
+    if (!p.is_fused) return;
+    const int64_t k = p.k, groups = (k + p.fused.group - 1) / p.fused.group;
+    const int64_t panel_ints = k * kCols, row_ints = (kFusedRows * k + 15) / 16 * 16;
+    const int64_t mask_bytes = (k * 4 + groups * 2 + kFusedRows * groups) * sizeof(__mmask16);
+    const int64_t bytes = (3 * panel_ints + 3 * row_ints) * 4 + mask_bytes + kFusedRows * k;
+    block = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    int32_t* ints = static_cast<int32_t*>(block);
+    panel.m = ints;
+    panel.q = ints + panel_ints;
+    panel.e = ints + 2 * panel_ints;
+    rows.m = ints + 3 * panel_ints;
+    rows.q = rows.m + row_ints;
+    rows.e = rows.q + row_ints;
+    __mmask16* masks = reinterpret_cast<__mmask16*>(rows.e + row_ints);
+    panel.negative = reinterpret_cast<__mmask16(*)[2][2]>(masks);
+    panel.zero = reinterpret_cast<__mmask16(*)[2]>(masks + k * 4);
+    rows.zero = masks + k * 4 + groups * 2;
+    rows.negative = reinterpret_cast<uint8_t*>(rows.zero + kFusedRows * groups);
+  }
+  ~FusedScratch() { std::free(block); }
+};
 
 ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> y, int64_t chunk, int64_t order,
                     ffi::Span<const int64_t> acc, ffi::Span<const int64_t> product,
                     ffi::Span<const int64_t> combine, int64_t exact_step,
-                    int64_t exact_combine, int64_t scaled, ffi::Span<const int64_t> conv) {
+                    int64_t exact_combine, int64_t scaled, ffi::Span<const int64_t> conv,
+                    ffi::Span<const int64_t> fused) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (acc.size() != 6 || (combine.size() != 0 && combine.size() != 6) ||
+  // A FloatFormat chain (acc's 6 fields) or a fused dot-product one (fused's 14, order 'fma',
+  // one chunk, no product or combine rounding).
+  const bool is_fused = fused.size() != 0;
+  if ((is_fused ? fused.size() != 14 || fused[0] < 1 || acc.size() != 0 || order != kOrderFma ||
+                      product.size() != 0 || combine.size() != 0
+                : acc.size() != 6) ||
+      (combine.size() != 0 && combine.size() != 6) ||
       (product.size() != 0 && product.size() != 6) || chunk < 1 ||
       (order != kOrderChunk && order != kOrderFma) || (conv.size() != 0 && conv.size() != 13))
     return ffi::Error::InvalidArgument("lowacc_chunk_dot: malformed attributes");
@@ -690,7 +1095,12 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   p.y = y->typed_data();
   p.taps = taps.get();
   p.chunk = chunk;
-  p.acc = Format::Of(acc);
+  p.is_fused = is_fused;
+  if (is_fused) {
+    p.fused = Fused::Of(fused);
+  } else {
+    p.acc = Format::Of(acc);
+  }
   p.fma = order == kOrderFma;
   p.has_product = product.size() != 0;
   p.has_combine = combine.size() != 0;
@@ -702,8 +1112,12 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   int64_t x_size = 1, w_size = 1;
   for (auto d : xd) x_size *= d;
   for (auto d : wd) w_size *= d;
-  p.finite = p.scaled && AllFinite(p.x, x_size) && AllFinite(p.w, w_size);
-  TileFor(p);
+  p.finite = (p.scaled || p.is_fused) && AllFinite(p.x, x_size) && AllFinite(p.w, w_size);
+  if (is_fused) {
+    p.tile_rows = kFusedRows;
+  } else {
+    TileFor(p);
+  }
   if (batch * p.m * p.n == 0) return ffi::Error::Success();
   if (p.k == 0) {  // an empty contraction is +0, as the XLA path's
     std::fill(p.y, p.y + batch * p.m * p.n, 0.0f);
@@ -733,9 +1147,11 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     _mm_setcsr(csr | _MM_FLUSH_ZERO_ON | _MM_DENORMALS_ZERO_ON);  // as XLA on the CPU
     float* wp = static_cast<float*>(std::aligned_alloc(64, st.p.k * kCols * sizeof(float)));
     float* xs = st.p.operands == kPatchesX ? new float[kRows * st.p.k] : nullptr;
+    const FusedScratch scratch(st.p);
     for (int64_t t; (t = st.next.fetch_add(1)) < st.items;) {
       const int64_t j = t % st.panels, i = (t / st.panels) % st.row_blocks;
-      Item(st.p, t / (st.panels * st.row_blocks), i * kBlockRows, j * kCols, wp, xs);
+      Item(st.p, t / (st.panels * st.row_blocks), i * kBlockRows, j * kCols, wp, xs,
+           scratch.panel, scratch.rows);
       if (st.finished.fetch_add(1) + 1 == st.items) {
         std::lock_guard<std::mutex> lock(st.mu);
         st.cv.notify_all();
@@ -755,11 +1171,12 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 }  // namespace
 
-// Whether this CPU runs the kernel (AVX-512 F, DQ, BW and VL).
+// Whether this CPU runs the kernel (AVX-512 F, DQ, BW, VL and CD).
 extern "C" int LowaccChunkDotSupported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512cd");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowaccChunkDot, ChunkDot,
@@ -776,4 +1193,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowaccChunkDot, ChunkDot,
                                   .Attr<int64_t>("exact_step")
                                   .Attr<int64_t>("exact_combine")
                                   .Attr<int64_t>("scaled")
-                                  .Attr<ffi::Span<const int64_t>>("conv"));
+                                  .Attr<ffi::Span<const int64_t>>("conv")
+                                  .Attr<ffi::Span<const int64_t>>("fused"));

@@ -3,9 +3,10 @@
 `lowacc.dot` runs the forward of a GEMM through `dot` on the CPU when `supports(cfg)`: the
 kernel was built (by `pip install`; it needs a C++17 compiler), the CPU has AVX-512, and the
 config is one the kernel covers: order 'fma' (the paper's FMAq) and order 'chunk', with or
-without product rounding; `lowacc.conv` runs a convolution's GEMM through `conv`, which reads
+without product rounding, and a matrix unit's fused dot products (`lowacc.hardware`'s NVIDIA
+presets without promotion); `lowacc.conv` runs a convolution's GEMM through `conv`, which reads
 the patches from the padded input. Everywhere else it runs its XLA path, which stays the
-reference: the tests hold the two equal bit for bit. Order 'fma' and 'chunk' with product
+reference: the tests hold the two equal bit for bit (and the presets equal to mmasim). Order 'fma' and 'chunk' with product
 rounding add in the XLA path's order, so they are equal on any operands; 'chunk' without
 product rounding sums a chunk with fused multiply-adds, equal wherever the chunk partials are
 exact (the contract leaves the order of the additions inside a chunk unspecified, so only there
@@ -29,6 +30,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 
 from lowacc.formats import AccumulatorConfig, FloatFormat
+from lowacc.hardware import INPUT_TYPES, OUTPUT_TYPES, FusedDotProduct
 from lowacc.quantize import limit_bits
 
 __all__ = ['available', 'conv', 'dot', 'exact_sum', 'scaled', 'supports']
@@ -102,10 +104,23 @@ def _covered(fmt: Optional[FloatFormat]) -> bool:
       and (fmt.underflow == 'none' or (fmt.underflow == 'flush' and fmt.min_exp > -126)))
 
 
+def _fused(cfg: AccumulatorConfig) -> bool:
+  """Whether the kernel runs cfg's chain as a matrix unit's fused dot products (chunk_dot.cc's
+  Fused): a `FusedDotProduct` that reads c in the type it writes, one chunk (no promotion), no
+  product or combine rounding."""
+  acc = cfg.acc
+  return (isinstance(acc, FusedDotProduct) and acc.c_type in (None, acc.output)
+          and cfg.order == 'fma' and cfg.chunk_size is None and cfg.product is None
+          and cfg.combine_format is None)
+
+
 def supports(cfg: AccumulatorConfig) -> bool:
-  """Whether `dot` computes this config's forward: order 'fma' or 'chunk', acc, product and
-  combine formats that are None (float32) or `_covered` (deterministic rounding, man_bits < 23,
-  underflow 'flush' above float32's normal range or 'none'), and the kernel available."""
+  """Whether `dot` computes this config's forward, the kernel being available: order 'fma' or
+  'chunk', acc, product and combine formats that are None (float32) or `_covered`
+  (deterministic rounding, man_bits < 23, underflow 'flush' above float32's normal range or
+  'none'); or a matrix unit's fused dot product (`_fused`)."""
+  if _fused(cfg):
+    return available()
   return (cfg.order in _ORDERS and cfg.acc is not None and _covered(cfg.acc)
           and _covered(cfg.product) and _covered(cfg.combine_format) and available())
 
@@ -190,6 +205,25 @@ def _fields(fmt: Optional[FloatFormat]) -> np.ndarray:
                    flush_below, limit_bits(fmt), (fmt.bias + 1) % 2], np.int64)
 
 
+def _fused_fields(acc: FusedDotProduct, transposed: bool) -> np.ndarray:
+  """chunk_dot.cc's Fused: [group, fraction_bits, e_zero, a_frac, a_min, b_frac, b_min,
+  out_frac, out_min, out_max, nearest_even, c_frac, c_min, nan_bits], a_* for the kernel's x
+  (w's type where the call is transposed)."""
+  a, b = (acc.b_type, acc.a_type) if transposed else (acc.a_type, acc.b_type)
+  out_min, out_max, nan_bits = OUTPUT_TYPES[acc.output]
+  return np.array([acc.group, acc.fraction_bits, acc.e_zero, *INPUT_TYPES[a][:2],
+                   *INPUT_TYPES[b][:2], acc.out_fraction_bits, out_min, out_max,
+                   acc.rounding == 'nearest_even', 10 if acc.output == 'f16' else 23, out_min,
+                   nan_bits], np.int64)
+
+
+def _operands(cfg: AccumulatorConfig, x, w):
+  """The kernel's operands: a fused dot product's read in its input types (`terms`, elementwise),
+  others as they are; no derivative either way."""
+  x, w = jax.lax.stop_gradient(x), jax.lax.stop_gradient(w)
+  return cfg.acc.terms(x, w) if _fused(cfg) else (x, w)
+
+
 def dot(x, w, cfg: AccumulatorConfig):
   """The simulated forward of `cfg` (order 'fma' or 'chunk') on canonical float32 x (B, M, K),
   w (B, K, N) -> (B, M, N), on the CPU, for a config that `supports` accepts. Under vmap, the
@@ -200,7 +234,7 @@ def dot(x, w, cfg: AccumulatorConfig):
   if not supports(cfg):
     raise ValueError(f'lowacc.kernels.native.dot: not supported here: {cfg} '
                      f'(kernel available: {available()})')
-  return _batched_call(cfg)(jax.lax.stop_gradient(x), jax.lax.stop_gradient(w))
+  return _batched_call(cfg)(*_operands(cfg, x, w))
 
 
 def _transposed_is_faster(m: int, n: int) -> bool:
@@ -221,14 +255,15 @@ def conv(xp, w, cfg: AccumulatorConfig, kernel, strides, dilation, out):
   if not supports(cfg):
     raise ValueError(f'lowacc.kernels.native.conv: not supported here: {cfg} '
                      f'(kernel available: {available()})')
-  xp, w = jax.lax.stop_gradient(xp), jax.lax.stop_gradient(w)
+  xp, w = _operands(cfg, xp, w)
   positions = xp.shape[0] * out[0] * out[1]
   transposed = _transposed_is_faster(positions, w.shape[2])  # a depthwise conv
   geometry = np.array(xp.shape[1:] + (xp.shape[3] // w.shape[0],) + tuple(kernel)
                       + tuple(strides) + tuple(dilation) + tuple(out) + (transposed,), np.int64)
   if transposed:
     t = jnp.swapaxes(w, 1, 2)
-    return jnp.swapaxes(_call(cfg, t, xp, geometry, (w.shape[0], w.shape[2], positions)), 1, 2)
+    return jnp.swapaxes(_call(cfg, t, xp, geometry, (w.shape[0], w.shape[2], positions), True),
+                        1, 2)
   return _call(cfg, xp, w, geometry, (w.shape[0], positions, w.shape[2]))
 
 
@@ -236,24 +271,31 @@ def _kernel(cfg: AccumulatorConfig, x, w):
   """The GEMM x (B, M, K) . w (B, K, N) on one device."""
   if _transposed_is_faster(x.shape[1], w.shape[2]):
     t = lambda a: jnp.swapaxes(a, 1, 2)
-    return t(_call(cfg, t(w), t(x), None, (x.shape[0], w.shape[2], x.shape[1])))
+    return t(_call(cfg, t(w), t(x), None, (x.shape[0], w.shape[2], x.shape[1]), True))
   return _call(cfg, x, w, None, (x.shape[0], x.shape[1], w.shape[2]))
 
 
-def _call(cfg: AccumulatorConfig, x, w, geometry, shape):
+def _call(cfg: AccumulatorConfig, x, w, geometry, shape, transposed=False):
   """The FFI call on x (B, M, K), w (B, K, N) (geometry None), or with a padded convolution input
-  as x or, transposed, as w (chunk_dot.cc's ConvGeometry and Operands), giving `shape`."""
+  as x or, transposed, as w (chunk_dot.cc's ConvGeometry and Operands), giving `shape`;
+  transposed: x holds the dot's right operand (y^T = w^T x^T)."""
   k = w.shape[1] if geometry is None else int(np.prod(geometry[3:6]))  # kh kw cg
   chunk = k if cfg.chunk_size is None else min(cfg.chunk_size, k)
   ffi = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
                          vmap_method='sequential')
+  conv = np.zeros((0,), np.int64) if geometry is None else geometry
+  order, chunk = np.int64(_ORDERS[cfg.order]), np.int64(max(chunk, 1))
+  none = _fields(None)
+  if _fused(cfg):
+    return ffi(x, w, chunk=chunk, order=order, acc=none, product=none, combine=none,
+               exact_step=np.int64(0), scaled=np.int64(0), exact_combine=np.int64(0), conv=conv,
+               fused=_fused_fields(cfg.acc, transposed))
   comb = cfg.combine_format
-  return ffi(x, w, chunk=np.int64(max(chunk, 1)), order=np.int64(_ORDERS[cfg.order]),
-             acc=_fields(cfg.acc), product=_fields(cfg.product), combine=_fields(comb),
-             exact_step=np.int64(exact_sum(cfg.acc, cfg.product)),
+  return ffi(x, w, chunk=chunk, order=order, acc=_fields(cfg.acc), product=_fields(cfg.product),
+             combine=_fields(comb), exact_step=np.int64(exact_sum(cfg.acc, cfg.product)),
              scaled=np.int64(scaled(cfg)),
-             exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)),
-             conv=np.zeros((0,), np.int64) if geometry is None else geometry)
+             exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)), conv=conv,
+             fused=none)
 
 
 def _axes(spec, i: int) -> tuple:
