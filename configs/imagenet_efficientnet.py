@@ -17,7 +17,7 @@ def get_config(arg=None):
   c = base.get_config()
   c.name = 'EfficientNet-Lite0 (published ImageNet weights), zero-shot accumulators'
   c.model.update(name='efficientnet_lite0', num_classes=1000)
-  c.pretrained = str(efficientnet.lite0_checkpoint())
+  c.pretrained = str(efficientnet.checkpoint('lite0'))
   c.data.update(name='imagenet_samples', batch_size=20, eval_batch_size=20)
   c.zero_shot = ('float32', 'M10E5', 'M9E5', 'M8E5', 'M7E5', 'M6E5', 'M7E4b10')
   for phase in (c.pretrain, c.stage1, c.stage2):  # evaluation only

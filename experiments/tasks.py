@@ -94,7 +94,7 @@ class ImageClassification(_Task):
     if config.pretrained and not os.path.isfile(config.pretrained):
       raise FileNotFoundError(f'config.pretrained={config.pretrained!r} does not exist: give a '
                               'torchvision ResNet state dict saved as .safetensors (EfficientNet: '
-                              'a legacy .pth, efficientnet.lite0_checkpoint())')
+                              'a legacy .pth, efficientnet.checkpoint(name))')
     if not config.pretrained and not config.init_from and config.pretrain.steps == 0:
       raise ValueError('config.pretrained is empty and config.pretrain.steps=0: give pretrained '
                        'weights (a torchvision state dict as .safetensors) or config.init_from, or '

