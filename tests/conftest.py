@@ -121,7 +121,7 @@ def small_results(tmp_path_factory):
 # The small agreement run: EfficientNet-Lite0 made narrow and shallow (7 blocks, 8 to 80 channels,
 # 32 x 32 views), scored at these formats on the first AGREEMENT_INPUTS views, telemetry at the first.
 TINY_LITE = dict(width=0.25, depth=0.1, image_size=32)
-AGREEMENT_FORMATS = ['M7E4b10', 'M4E5']
+AGREEMENT_FORMATS = ['M7E4b10', 'M4E5', 'Hopper/wgmma/m64n8k16.f32.f16.f16', 'INT16s']
 AGREEMENT_INPUTS = 27
 # The layers it simulates: block 0 (a 3 x 3 depthwise conv, K = 9, and a 1x1 projection over the
 # stem's 32 channels), block 2 (a 1x1 expansion, a 5 x 5 depthwise conv, a 1x1 projection) and the

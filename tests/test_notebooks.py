@@ -91,7 +91,8 @@ def test_agreement_notebook_shows_the_small_runs_points(small_agreement, tmp_pat
   _, _, out, _ = small_agreement
   printed, figures = _execute(_path(AGREEMENT), os.path.dirname(out), tmp_path, monkeypatch)
   name = os.path.basename(out)[len('agreement_'):]
-  assert figures == sorted([f'agreement_{name}.png', f'agreement_telemetry_{name}.png'])
+  assert figures == sorted([f'agreement_{name}.png', f'agreement_telemetry_{name}.png',
+                            f'agreement_units_{name}.png'])
   points = {p['format']: p for p in _points(out)}
   number = r'\s*(nan|[\d.]+) \+-\s*(nan|[\d.]+)'
   table = {m[1]: m.groups()[1:] for m in re.finditer(
