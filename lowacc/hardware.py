@@ -41,7 +41,7 @@ from jax import lax
 
 from lowacc.accumulator import Accumulator, Flags
 from lowacc.formats import BF16, FP32, AccumulatorConfig, FloatFormat, _check_choice, _check_int
-from lowacc.quantize import _exponent_of, _floor_log2, round_exact
+from lowacc.quantize import _floor_log2, round_exact
 
 # The FP6 and FP4 types (no inf, no NaN; XLA's CPU backend does not convert to them).
 _SMALL = dict(rounding='nearest_even', underflow='subnormal', overflow='saturate')

@@ -932,10 +932,12 @@ LOWACC_AVX512 void FusedTile(const Problem& p, const FusedRows& xd, const FusedP
         const int64_t at = r * p.k + kk;
         const __m512i mx = _mm512_set1_epi32(xd.m[at]), qx = _mm512_set1_epi32(xd.q[at]);
         const __mmask16* negative = wd.negative[kk][xd.negative[at]];
-        const __m512i t0 = _mm512_srlv_epi32(_mm512_mullo_epi32(mx, m0),
-                                             _mm512_sub_epi32(base[2 * r], _mm512_add_epi32(qx, q0)));
+        // m 2^(q + F - e_max), truncated: (m << sp) >> (base - q), base = e_max + sp - F.
+        const __m512i t0 = _mm512_srlv_epi32(
+            _mm512_mullo_epi32(mx, m0), _mm512_sub_epi32(base[2 * r], _mm512_add_epi32(qx, q0)));
         const __m512i t1 = _mm512_srlv_epi32(
-            _mm512_mullo_epi32(mx, m1), _mm512_sub_epi32(base[2 * r + 1], _mm512_add_epi32(qx, q1)));
+            _mm512_mullo_epi32(mx, m1),
+            _mm512_sub_epi32(base[2 * r + 1], _mm512_add_epi32(qx, q1)));
         all[2 * r] = _mm512_add_epi32(all[2 * r], t0);
         all[2 * r + 1] = _mm512_add_epi32(all[2 * r + 1], t1);
         neg[2 * r] = _mm512_mask_add_epi32(neg[2 * r], negative[0], neg[2 * r], t0);

@@ -6,11 +6,11 @@ config is one the kernel covers: order 'fma' (the paper's FMAq) and order 'chunk
 without product rounding, and a matrix unit's fused dot products (`lowacc.hardware`'s NVIDIA
 presets without promotion); `lowacc.conv` runs a convolution's GEMM through `conv`, which reads
 the patches from the padded input. Everywhere else it runs its XLA path, which stays the
-reference: the tests hold the two equal bit for bit (and the presets equal to mmasim). Order 'fma' and 'chunk' with product
-rounding add in the XLA path's order, so they are equal on any operands; 'chunk' without
-product rounding sums a chunk with fused multiply-adds, equal wherever the chunk partials are
-exact (the contract leaves the order of the additions inside a chunk unspecified, so only there
-is equality defined).
+reference: the tests hold the two equal bit for bit (and the presets equal to mmasim). Order
+'fma' and 'chunk' with product rounding add in the XLA path's order, so they are equal on any
+operands; 'chunk' without product rounding sums a chunk with fused multiply-adds, equal
+wherever the chunk partials are exact (the contract leaves the order of the additions inside a
+chunk unspecified, so only there is equality defined).
 """
 
 from __future__ import annotations
