@@ -521,9 +521,20 @@ def test_fused_dot_products_equal_xla_path(name):
                     np.stack([xla_path(cfg, a, b) for a, b in zip(xs, ws)]), f'{name} vmap')
 
 
-def test_fused_kind_takes_the_kernel_only_where_it_covers_it():
-  assert native.supports(hardware.parse('Hopper/wgmma/m64n8k32.f32.e4m3.e4m3'))
-  assert not native.supports(hardware.parse('Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128'))
-  # d written as f32, c read as f16: the kernel reads c in the type it writes.
-  assert not native.supports(hardware.parse('Volta/mma/m8n8k4.f32.f16.f16.f16'))
-  assert not native.supports(hardware.parse('CDNA3/mfma/f32_16x16x16_bf16'))
+def test_fused_kind_takes_the_kernel_only_where_it_covers_it(monkeypatch):
+  jax.clear_caches()  # so that every dot below is traced again, through the patched kernel
+  calls = []
+  real = native.dot
+  monkeypatch.setattr(native, 'dot', lambda *a: calls.append(1) or real(*a))
+  x, w = exact_operands(np.random.default_rng(7), (1, 8, 64), (1, 64, 8), 0)
+  covered = hardware.parse('Hopper/wgmma/m64n8k32.f32.e4m3.e4m3')
+  uncovered = [hardware.parse('Hopper/wgmma/m64n8k32.f32.e4m3.e4m3/promote128'),
+               # d written as f32, c read as f16: the kernel reads c in the type it writes.
+               hardware.parse('Volta/mma/m8n8k4.f32.f16.f16.f16'),
+               hardware.parse('CDNA3/mfma/f32_16x16x16_bf16')]
+  assert native.supports(covered) and not any(map(native.supports, uncovered))
+  for cfg in uncovered:
+    lowacc.dot_general(x, w, BATCHED, cfg)
+  assert not calls
+  assert_bits_equal(lowacc.dot_general(x, w, BATCHED, covered), xla_path(covered, x, w))
+  assert calls
