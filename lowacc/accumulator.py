@@ -79,11 +79,14 @@ class Accumulator:
   - `step(s, u, rand) -> (s, Flags)`: one step of the chain from the running sum s (float32,
     (B, M, N)) and the step's terms u, as `terms` makes them; s=None rounds u alone (order
     'chunk': s = Q(P) of a float32 chunk partial P);
-  and may override `group`, `terms`, `pad_product`, `stochastic` and `orders`.
+  and may override `group`, `terms`, `pad_product`, `stochastic`, `orders` and `direct_output`.
   """
   group = 1  # products per step
   orders = ('fma', 'chunk')  # the AccumulatorConfig orders this kind runs
   stochastic = False  # whether its rounding draws random words (`rand` of `step`)
+  # A chain of one chunk with combine=None outputs its last step's value itself (a matrix unit's
+  # d, a -0 included), not the float32 total from +0 of spec section 3.
+  direct_output = False
 
   @property
   def name(self) -> str:

@@ -133,6 +133,8 @@ class _Chain:
 
   def combine(self, j, total, s):
     fmt = self.cfg.combine_format
+    if fmt is None and self.xs.shape[0] == 1 and self.cfg.acc.direct_output:
+      return s, Flags.none(s.shape)
     return _step(total, s, fmt, self.rand(fmt, _COMBINE_STREAM, j))
 
   def run(self, per_chunk, init):

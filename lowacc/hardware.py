@@ -27,7 +27,9 @@ AMD's MFMA as mmasim models them, from `mma(arch, 'mfma', suffix)`: `FlushedAddT
 for f16 and bf16 (float32 adds of pairs or fours of products into c, flushing subnormals);
 `TwoLevelFusedSum` is CDNA3's for xf32, f16, bf16 and fp8 (a fused sum truncated 24 bits below
 its largest product, then added to c in a second fused level that rounds down, then to nearest
-even). The other MFMA models are refused with the reason (`NOT_MODELLED`).
+even); `ExactSum` is CDNA1's for f16 and bf16 (the exact sum of 4 or 2 products and c rounded
+once into fp32) and every f32 MFMA's (a chain of float32 FMAs). float64 and block-scaled (MX)
+instructions are refused with the reason (`NOT_MODELLED`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ INPUT_TYPES = {
 MFMA_INPUT_TYPES = {'xf32': INPUT_TYPES['tf32'], 'f16': INPUT_TYPES['f16'],
                     'bf16': INPUT_TYPES['bf16'], 'fp8': (3, -7, jnp.float8_e4m3fnuz),
                     'bf8': (2, -15, jnp.float8_e5m2fnuz)}
-_ALL_TYPES = {**INPUT_TYPES, **MFMA_INPUT_TYPES}
+# The input types of `ExactSum`: CDNA1's f16 and bf16, and float32 for the f32 MFMA.
+EXACT_TYPES = {'f32': (23, -126, jnp.float32), 'f16': INPUT_TYPES['f16'],
+               'bf16': INPUT_TYPES['bf16']}
+_ALL_TYPES = {**INPUT_TYPES, **MFMA_INPUT_TYPES, **EXACT_TYPES}
 # Output (and accumulator) types: (smallest normal exponent, largest exponent, NaN bits in float32).
 OUTPUT_TYPES = {'f32': (-126, 127, 0x7FFFFFFF), 'f16': (-14, 15, 0x7FFFE000)}
 ROUNDINGS = ('toward_zero', 'nearest_even')
@@ -171,6 +176,7 @@ class FusedDotProduct(Accumulator):
   out_fraction_bits: int = 23
   c_type: Optional[str] = None
   orders = ('fma',)
+  direct_output = True
 
   def __post_init__(self):
     _check_int(self, 'group', 1)
@@ -294,13 +300,14 @@ class FlushedAddTree(Accumulator):
   NaN and inf follow float32 arithmetic (mmasim leaves NaN payloads to the host CPU; they are not
   modelled). A short last instruction is zero-filled (+0 operands), as in hardware. Flags: sat, a
   result that overflowed (a product or a sum) to inf from finite operands; flush, c flushed to
-  zero inside the step. In lowacc's chain the result is added to a float32 total from +0 (spec
-  section 3), so the rare -0 of a flushed negative sum reads +0 where mmasim keeps -0.
+  zero inside the step. The rare -0 of a flushed negative sum is the result, as in mmasim.
   """
   in_type: str
   group: int
   tree: int = 4
   orders = ('fma',)
+  output = 'f32'
+  direct_output = True
 
   def __post_init__(self):
     _check_choice('FlushedAddTree', 'in_type', self.in_type, ('f16', 'bf16'))
@@ -377,8 +384,7 @@ class TwoLevelFusedSum(Accumulator):
      rounded down to a multiple of 2^(E - 32), c to one of 2^(E - 24) (with `halves`, a c with
      e_c < E - 25 counts as 0); v, their exact sum;
   4. v rounded down to 31 fraction bits below max(floor(log2 |v|), -126), then to nearest even
-     into fp32 (subnormals; overflow to inf). A zero is +0, or -0 where a negative v rounds to 0
-     (which lowacc's chain then adds to its float32 total from +0, reading +0);
+     into fp32 (subnormals; overflow to inf). A zero is +0, or -0 where a negative v rounds to 0;
   5. NaN (0x7FFFFFFF) from a NaN, inf * 0 or inf - inf; otherwise an inf gives that inf. With
      `halves`, mmasim reads an inf or NaN c as of exponent -1, so that it counts as 0 (step 3)
      where e_dot > 24; this follows it (real hardware is not known to do so).
@@ -388,6 +394,8 @@ class TwoLevelFusedSum(Accumulator):
   group: int
   halves: bool = False
   orders = ('fma',)
+  output = 'f32'
+  direct_output = True
 
   def __post_init__(self):
     for field in ('a_type', 'b_type'):
@@ -483,6 +491,161 @@ class TwoLevelFusedSum(Accumulator):
                       flush=finite & (total != 0) & (r == 0))
 
 
+def _place(v, offset, n: int):
+  """v 2^offset as n uncarried 16-bit digits (int32, a leading axis), for uint32 v < 2^25 and
+  int32 offset with v 2^offset < 2^(16 n) (v = 0 for a negative offset)."""
+  i = lax.shift_right_arithmetic(offset, 4)
+  r = (offset & 15).astype(_U32)
+  lo = lax.shift_left(v & _U32(0xFFFF), r)  # < 2^31
+  hi = lax.shift_left(lax.shift_right_logical(v, _U32(16)), r)  # < 2^24
+  parts = [p.astype(jnp.int32) for p in (lo & _U32(0xFFFF),
+                                         lax.shift_right_logical(lo, _U32(16)) + (hi & _U32(0xFFFF)),
+                                         lax.shift_right_logical(hi, _U32(16)))]
+  k = lax.broadcasted_iota(jnp.int32, (n,) + v.shape, 0) - i
+  return jnp.where(k == 0, parts[0], jnp.where(k == 1, parts[1], jnp.where(k == 2, parts[2], 0)))
+
+
+def _carry(digits):
+  """Uncarried int32 digits (n, ...) -> (digits in [0, 2^16), the carry out: -1 for a negative
+  value)."""
+  def body(carry, d):
+    v = d + carry
+    return lax.shift_right_arithmetic(v, 16), v & 0xFFFF
+  carry, out = lax.scan(body, jnp.zeros_like(digits[0]), digits)
+  return out, carry
+
+
+def _select(digits, index):
+  """digits[index] per element (0 outside)."""
+  k = lax.broadcasted_iota(jnp.int32, digits.shape, 0)
+  return jnp.sum(jnp.where(k == index, digits, 0), axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactSum(Accumulator):
+  """An MFMA that rounds the exact sum of `fused` products and c once, to nearest even into fp32:
+  CDNA1's f16 and bf16 (mmasim 2.1.1's MMA_E_FDPA: 4 or 2 products) and every f32 MFMA
+  (MMA_FMA: fused=1, a chain of float32 FMAs). One step is one instruction of `group` (its k)
+  products, `fused` at a time, in order:
+
+  1. operands are read in `in_type` ('f32', 'f16' or 'bf16'), subnormals kept; products are
+     exact;
+  2. c <- the exact sum of c and the products, rounded to nearest even into fp32 with gradual
+     underflow and overflow to inf. An exact zero is +0, but for an FMA (fused=1) -0 when both
+     terms are -0, as IEEE 754 signs it (mmasim's exact sums give +0 there); a nonzero sum that
+     rounds to zero keeps its sign;
+  3. NaN (0x7FFFFFFF) from a NaN, inf * 0 or inf - inf; otherwise an inf gives that inf.
+
+  The exact sum is held in a fixed-point register of 16-bit digits that spans every term the
+  types allow (a Kulisch accumulator: 2^-298 to 2^258 for f32), so no cancellation loses a bit.
+  A short last instruction is zero-filled (+0 operands), as in hardware. Flags: sat, a finite
+  sum that overflowed to inf; flush, a nonzero sum that rounded to zero.
+  """
+  in_type: str
+  group: int
+  fused: int = 1
+  orders = ('fma',)
+  output = 'f32'
+  direct_output = True
+
+  def __post_init__(self):
+    _check_choice('ExactSum', 'in_type', self.in_type, tuple(EXACT_TYPES))
+    _check_int(self, 'fused', 1, 16)
+    _check_int(self, 'group', 1)
+    if self.group % self.fused:
+      raise ValueError(f'ExactSum.group={self.group} is invalid: must be a multiple of '
+                       f'fused={self.fused}')
+
+  @property
+  def name(self) -> str:
+    return f'EXACT{self.group}F{self.fused}.{self.in_type}.f32'
+
+  @property
+  def pad_product(self) -> float:
+    return 0.0
+
+  def terms(self, x, w):
+    """The operand slices x (L, B, M), w (L, B, N) (group 1: (B, M), (B, N)) read in the input
+    type, as (L, B, M), (L, B, N)."""
+    read = lambda v: to_input_type(v if self.group > 1 else v[None], self.in_type)
+    return read(x), read(w)
+
+  def _register(self):
+    """(the exponent of the register's lowest bit, its digits): below the smallest product's
+    quantum and fp32's, above `fused` of the largest products and c, with a sign bit."""
+    fraction_bits, min_exp, _ = EXACT_TYPES[self.in_type]
+    smallest = max(min_exp - fraction_bits, -126) - fraction_bits  # the least quantum m 2^q
+    base = min(2 * smallest, -149)
+    max_exp = 15 if self.in_type == 'f16' else 127
+    top = max(2 * (max_exp + 1), 128) + self.fused.bit_length()
+    return base, -(-(top - base + 1) // 16)
+
+  def step(self, s, u, rand):
+    """c = s (B, M, N) and the `group` products of u = (x (L, B, M), w (L, B, N))."""
+    x, w = u
+    fraction_bits, min_exp, _ = EXACT_TYPES[self.in_type]
+    base, n = self._register()
+    _, mx, qx, _ = _decompose(jnp.where(jnp.isfinite(x), x, 0.0), fraction_bits, min_exp, 0)
+    _, mw, qw, _ = _decompose(jnp.where(jnp.isfinite(w), w, 0.0), fraction_bits, min_exp, 0)
+    neg = jnp.signbit(x)[..., None] ^ jnp.signbit(w)[:, :, None, :]
+    offset = qx[..., None] + qw[:, :, None, :] - base
+    if 2 * (fraction_bits + 1) <= 25:
+      pieces = [(mx[..., None] * mw[:, :, None, :], offset)]
+    else:  # 24-bit significands: four products of 12-bit halves
+      halves = lambda m: (lax.shift_right_logical(m, _U32(12)), m & _U32(0xFFF))
+      (xh, xl), (wh, wl) = halves(mx), halves(mw)
+      pieces = [(a[..., None] * b[:, :, None, :], offset + shift)
+                for a, b, shift in ((xh, wh, 24), (xh, wl, 12), (xl, wh, 12), (xl, wl, 0))]
+    products = sum(jnp.where(neg, -d, d) for d in (_place(v, o, n) for v, o in pieces))
+    zero_x, zero_w = _zero_operands(mx, x, mw, w)
+    zero = zero_x[..., None] | zero_w[:, :, None, :]
+    prod_nan = (jnp.isnan(x)[..., None] | jnp.isnan(w)[:, :, None, :]
+                | (jnp.isinf(x)[..., None] & zero_w[:, :, None, :])
+                | (zero_x[..., None] & jnp.isinf(w)[:, :, None, :]))
+    prod_inf = (jnp.isinf(x)[..., None] | jnp.isinf(w)[:, :, None, :]) & ~prod_nan
+    index = lax.broadcasted_iota(jnp.int32, (n,) + s.shape, 0)
+
+    def sub_step(c, i):
+      """c and products i .. i + fused - 1 -> (the rounded sum, sat, flush)."""
+      at = slice(i, i + self.fused)
+      nc, mc, qc, _ = _decompose(jnp.where(jnp.isfinite(c), c, 0.0), 23, -126, 0)
+      raw = jnp.where(nc, -1, 1) * _place(mc, qc - base, n) + jnp.sum(products[:, at], axis=1)
+      negative = _carry(raw)[1] < 0
+      mag = _carry(jnp.where(negative, -raw, raw))[0]
+      lead = jnp.max(jnp.where(mag != 0, index, -1), axis=0)
+      top = _select(mag, lead).astype(_U32)
+      start = jnp.maximum(16 * lead + _bit_length(top) - 1 - 28, 0)  # 29 bits from the lead
+      at_digit, r = lax.shift_right_arithmetic(start, 4), (start & 15).astype(_U32)
+      g0, g1, g2 = (_select(mag, at_digit + j).astype(_U32) for j in range(3))
+      window = (lax.shift_right_logical(g0, r) | lax.shift_left(g1, _U32(16) - r)
+                | jnp.where(r == 0, _U32(0), lax.shift_left(g2, _U32(32) - r)))
+      sticky = (((g0 & (lax.shift_left(_U32(1), r) - _U32(1))) != 0)
+                | jnp.any((index < at_digit) & (mag != 0), axis=0))
+      total = (window & _U32(0x1FFFFFFF)) | sticky.astype(_U32)
+      rounded, bits, r_lead = _round(total, base + start, 23, -126, True)
+      over = r_lead > 127
+      nonzero = lead >= 0
+      negative_zero = jnp.all(zero[at] & neg[at], axis=0) & (mc == 0) & nc & (self.fused == 1)
+      sign = jnp.where(nonzero, negative, negative_zero)
+      bits = jnp.where(nonzero, jnp.where(over, _U32(_INF), jnp.where(rounded == 0, _U32(0),
+                                                                        bits)), _U32(0))
+      bits = bits | jnp.where(sign, _U32(_SIGN), _U32(0))
+      pinf = jnp.any(prod_inf[at] & ~neg[at], axis=0) | (c == jnp.inf)
+      ninf = jnp.any(prod_inf[at] & neg[at], axis=0) | (c == -jnp.inf)
+      nan = jnp.any(prod_nan[at], axis=0) | jnp.isnan(c) | (pinf & ninf)
+      bits = jnp.where(pinf, _U32(_INF), jnp.where(ninf, _U32(_INF | _SIGN), bits))
+      out = lax.bitcast_convert_type(jnp.where(nan, _U32(0x7FFFFFFF), bits), jnp.float32)
+      finite = ~(nan | pinf | ninf)
+      return out, finite & over, finite & nonzero & (rounded == 0)
+
+    c, sat, flush = s, jnp.zeros(s.shape, bool), jnp.zeros(s.shape, bool)
+    for i in range(0, self.group, self.fused):
+      c, over, flushed = sub_step(c, i)
+      sat, flush = sat | over, flush | flushed
+    nonzero = jnp.any(~zero, axis=0)
+    return c, Flags(sat=sat, lost=jnp.isfinite(c) & nonzero & (c == s), flush=flush)
+
+
 # Per NVIDIA generation (from mmasim's model): F, the bytes of operands one fused group takes,
 # and e_zero of a zero term for an fp16 output (fp32 outputs: 112 lower).
 ARCHS = ('Volta', 'Turing', 'Ampere', 'Ada Lovelace', 'Hopper', 'Blackwell', 'RTX Blackwell')
@@ -500,11 +663,6 @@ NOT_MODELLED = {
     'block-scaled': 'block-scaled (MX) instructions take per-block scale operands that '
                     'dot_general does not carry, and the k=64 ones sum 35 fraction bits, beyond '
                     "this model's 32-bit sum",
-    'mfma-fma': 'f32 MFMA are chains of float32 FMAs (mmasim MMA_FMA: each product exact, one '
-                'rounding per add), and lowacc rounds a float32 product before its add',
-    'mfma-exact': "CDNA1's f16 and bf16 MFMA round the exact sum of 4 (f16) or 2 (bf16) products "
-                  'and c once into fp32 (mmasim MMA_E_FDPA), a sum over the whole exponent range '
-                  "that no kind here carries",
 }
 # MFMA suffixes, as mmasim spells them: CDNA1/CDNA2 'f32_32x32x8f16', 'f32_32x32x8bf16_1k';
 # CDNA3 'f32_32x32x8_f16', 'f32_4x4x4_16b_f16', 'f32_16x16x32_fp8_bf8'.
@@ -554,11 +712,11 @@ def mma(arch: str, instruction: str, shape_and_type: str,
 
   Modelled: every NVIDIA mma / wgmma / tcgen05.mma of mmasim but float64 and block-scaled ones;
   AMD MFMA on CDNA2 for f16 and bf16 (`FlushedAddTree`; CDNA1's f16 and bf16 suffixes run there
-  too) and on CDNA3 for xf32, f16, bf16, fp8 and bf8 (`TwoLevelFusedSum`); a -0 result of these
-  reads +0 (lowacc's float32 total from +0; see `FlushedAddTree`). Refused, with `NOT_MODELLED`'s
-  reason: float64; block scaling; f32 MFMA (FMA chains); CDNA1's f16 and bf16 (an exact sum
-  rounded once). Source: MMA-Sim (arXiv 2511.10909), mmasim 2.1.1 (nv_ptx/ and amd/sim.py),
-  which the tests match bit for bit.
+  too) and on CDNA3 for xf32, f16, bf16, fp8 and bf8 (`TwoLevelFusedSum`); CDNA1's f16 and
+  bf16 and every f32 MFMA (`ExactSum`: exact sums rounded once, FMA chains). The result is the
+  last instruction's d, a -0 included (`Accumulator.direct_output`). Refused, with
+  `NOT_MODELLED`'s reason: float64 and block scaling. Source: MMA-Sim (arXiv 2511.10909),
+  mmasim 2.1.1 (nv_ptx/ and amd/sim.py), which the tests match bit for bit.
   """
   if instruction not in INSTRUCTIONS:
     raise ValueError(f'instruction={instruction!r} is invalid: valid instructions are '
@@ -583,12 +741,18 @@ def mma(arch: str, instruction: str, shape_and_type: str,
                         a_type=a, b_type=b, output=d, rounding=rounding,
                         out_fraction_bits=10 if d == 'f16' else out_bits,
                         c_type=None if c == d else c)
+  return _chained(acc, promote_every)
+
+
+def _chained(acc: Accumulator, promote_every: Optional[int]) -> AccumulatorConfig:
+  """K in steps of acc from c = +0, promoted into an fp32 sum every `promote_every` products."""
   return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
                            combine=None if promote_every is None else FP32)
 
 
 def _mfma(arch: str, suffix: str, promote_every: Optional[int]) -> AccumulatorConfig:
-  """The MFMA preset of `mma` (mmasim 2.1.1's amd/sim.py): CDNA2's f16 and bf16, CDNA3's."""
+  """The MFMA preset of `mma` (mmasim 2.1.1's amd/sim.py): f32 FMA chains and CDNA1's exact
+  sums (`ExactSum`), CDNA2's f16 and bf16 (`FlushedAddTree`), CDNA3's (`TwoLevelFusedSum`)."""
   cdna3 = arch == 'CDNA3'
   match = (_MFMA_CDNA3 if cdna3 else _MFMA_OLD).fullmatch(suffix) if isinstance(suffix, str) \
       else None
@@ -601,10 +765,12 @@ def _mfma(arch: str, suffix: str, promote_every: Optional[int]) -> AccumulatorCo
   d, k, a = match[1], int(match[4]), match[5]
   if 'f64' in (d, a):
     raise ValueError(f'shape_and_type={suffix!r}: {NOT_MODELLED["f64"]}')
-  if a == 'f32':
-    raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-fma"]}')
-  if arch == 'CDNA1':
-    raise ValueError(f'shape_and_type={suffix!r} on {arch}: {NOT_MODELLED["mfma-exact"]}')
+  if a == 'f32' or arch == 'CDNA1':  # FMA chains; CDNA1's exact sums of 4 f16 or 2 bf16
+    fused = 1 if a == 'f32' else 4 if a == 'f16' else 2
+    if k % fused:
+      raise ValueError(f'shape_and_type={suffix!r}: k={k} is invalid for {arch}, which rounds '
+                       f'the exact sum of {fused} {a} products: use a multiple of {fused}')
+    return _chained(ExactSum(in_type=a, group=k, fused=fused), promote_every)
   if cdna3:
     fp8 = a in ('fp8', 'bf8')
     if fp8 != (match[6] is not None):
@@ -614,16 +780,13 @@ def _mfma(arch: str, suffix: str, promote_every: Optional[int]) -> AccumulatorCo
     if k % group:
       raise ValueError(f'shape_and_type={suffix!r}: k={k} is invalid for {arch}, which fuses '
                        f'{a} products in groups of {group}: use a multiple of {group}')
-    acc = TwoLevelFusedSum(a_type=a, b_type=match[6] or a, group=group, halves=fp8)
-    return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
-                             combine=None if promote_every is None else FP32)
+    return _chained(TwoLevelFusedSum(a_type=a, b_type=match[6] or a, group=group, halves=fp8),
+                    promote_every)
   tree = 2 if a == 'bf16' and not one_k else 4
   if k % tree:
     raise ValueError(f'shape_and_type={suffix!r}: k={k} is invalid for {arch}, which adds '
                      f'{a} products in trees of {tree}: use a multiple of {tree}')
-  acc = FlushedAddTree(in_type=a, group=k, tree=tree)
-  return AccumulatorConfig(acc=acc, chunk_size=promote_every, order='fma',
-                           combine=None if promote_every is None else FP32)
+  return _chained(FlushedAddTree(in_type=a, group=k, tree=tree), promote_every)
 
 
 def parse(name: str) -> AccumulatorConfig:

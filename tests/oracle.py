@@ -283,15 +283,19 @@ def fused_step(xs, ws, c: float, kind) -> float:
   return -value if total < 0 else value
 
 
-def fused_chain(xs, ws, kind) -> float:
-  """K products in fused steps of kind.group from c = +0, the last group padded with zeros."""
+def _steps(step, xs, ws, kind) -> float:
+  """K products in steps of kind.group from c = +0, the last group padded with zeros."""
   c = 0.0
   for start in range(0, len(xs), kind.group):
     x = list(xs[start:start + kind.group])
     w = list(ws[start:start + kind.group])
     pad = kind.group - len(x)
-    c = fused_step(x + [0.0] * pad, w + [0.0] * pad, c, kind)
+    c = step(x + [0.0] * pad, w + [0.0] * pad, c, kind)
   return c
+
+
+def fused_chain(xs, ws, kind) -> float:
+  return _steps(fused_step, xs, ws, kind)
 
 
 def ftz_add(a: float, b: float) -> float:
@@ -379,13 +383,31 @@ def two_level_step(xs, ws, c: float, kind) -> float:
 
 
 def two_level_chain(xs, ws, kind) -> float:
-  """K products in steps of kind.group from c = +0, the last group padded with zeros."""
-  c = 0.0
-  for start in range(0, len(xs), kind.group):
-    x, w = list(xs[start:start + kind.group]), list(ws[start:start + kind.group])
-    pad = kind.group - len(x)
-    c = two_level_step(x + [0.0] * pad, w + [0.0] * pad, c, kind)
+  return _steps(two_level_step, xs, ws, kind)
+
+
+def exact_sum_step(xs, ws, c: float, kind) -> float:
+  """One instruction of lowacc.hardware.ExactSum (its doc), read from the kind's fused: for each
+  `fused` products in order, c <- the exact sum of c and them, rounded to nearest even into
+  float32 (subnormals, overflow to inf); an exact zero is +0, but -0 for an FMA (fused = 1) of
+  two -0 terms. Specials as float arithmetic (NaN payloads aside)."""
+  for start in range(0, len(xs), kind.fused):
+    terms = [x * w if math.isfinite(x) and math.isfinite(w) else None
+             for x, w in zip(xs[start:start + kind.fused], ws[start:start + kind.fused])]
+    specials = [x * w for x, w, t in zip(xs[start:], ws[start:], terms) if t is None]
+    if specials or not math.isfinite(c):
+      c = sum(specials, c)
+      continue
+    exact_terms = [Fraction(x) * Fraction(w)
+                   for x, w in zip(xs[start:start + kind.fused], ws[start:start + kind.fused])]
+    v = sum(exact_terms, Fraction(c))
+    negative_zero = kind.fused == 1 and all(math.copysign(1, t) < 0 for t in terms + [c])
+    c = round_value(v, FLOAT32, negative_zero=negative_zero)[0]
   return c
+
+
+def exact_sum_chain(xs, ws, kind) -> float:
+  return _steps(exact_sum_step, xs, ws, kind)
 
 
 def int_step(s: int, u: int, bits: int, overflow: str):

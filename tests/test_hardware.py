@@ -36,8 +36,9 @@ TYPES = {'tf32': (np.float32, torch.float32), 'f16': (np.float16, torch.float16)
          'e3m2': (ml_dtypes.float6_e3m2fn, None), 'e2m3': (ml_dtypes.float6_e2m3fn, None),
          'e2m1': (ml_dtypes.float4_e2m1fn, None), 'xf32': (np.float32, torch.float32),
          'fp8': (ml_dtypes.float8_e4m3fnuz, torch.float8_e4m3fnuz),
-         'bf8': (ml_dtypes.float8_e5m2fnuz, torch.float8_e5m2fnuz)}
-TYPE_FIELDS = {**hardware.INPUT_TYPES, **hardware.MFMA_INPUT_TYPES}
+         'bf8': (ml_dtypes.float8_e5m2fnuz, torch.float8_e5m2fnuz),
+         'f32': (np.float32, torch.float32)}
+TYPE_FIELDS = {**hardware.INPUT_TYPES, **hardware.MFMA_INPUT_TYPES, **hardware.EXACT_TYPES}
 FLOAT32_READ = ('tf32', 'xf32')  # float32 values the model truncates
 ROWS = 48  # dot products per input kind
 
@@ -90,12 +91,10 @@ NV = _distinct(_nv_table())
 MODELLED = [e for e in NV if not e[3] and 'f64' not in e[2]]
 AMD = [(arch, suffix) for arch, suffixes in isa_mfma.arch_mfma_suffix.items()
        for suffix in suffixes]
-# What lowacc models of mmasim's AMD table: CDNA2's f16 and bf16 (float32 adds flushing
-# subnormals) and CDNA3 but f32 and f64 (two-level fused sums); CDNA1's exact sums, f32 FMA chains
-# and f64 are refused.
-AMD_MODELLED = [(arch, suffix) for arch, suffix in AMD
-                if arch == 'CDNA2' and suffix[-3:] in ('f16', '_1k')
-                or arch == 'CDNA3' and not suffix.endswith(('_f32', '_f64'))]
+# What lowacc models of mmasim's AMD table: all but f64 (CDNA2's f16 and bf16: float32 adds
+# flushing subnormals; CDNA3's xf32, f16, bf16, fp8 and bf8: two-level fused sums; CDNA1's f16 and
+# bf16, and every f32: exact sums rounded once).
+AMD_MODELLED = [(arch, suffix) for arch, suffix in AMD if 'f64' not in suffix]
 
 
 def test_every_mmasim_entry_is_a_preset_or_a_named_exclusion():
@@ -111,9 +110,9 @@ def test_every_mmasim_entry_is_a_preset_or_a_named_exclusion():
   for arch, suffix in AMD:
     if (arch, suffix) in AMD_MODELLED:
       assert isinstance(hardware.mma(arch, 'mfma', suffix).acc,
-                        (hardware.FlushedAddTree, hardware.TwoLevelFusedSum))
+                        (hardware.FlushedAddTree, hardware.TwoLevelFusedSum, hardware.ExactSum))
     else:
-      with pytest.raises(ValueError, match='float64|FMAs|CDNA1'):
+      with pytest.raises(ValueError, match='float64'):
         hardware.mma(arch, 'mfma', suffix)
 
 
@@ -135,7 +134,7 @@ def _operands(name, k_total, rng):
   cancel[:, half:2 * half] = -cancel[:, :half]  # x_i w_i - x_i w_i: exact cancellation
   special = rng.standard_normal(shape) * np.exp2(rng.integers(min_exp - 2, 2, shape))
   specials = [0.0, -0.0, float(finfo.tiny) / 2 ** min(fraction_bits, 2)]
-  if name in ('tf32', 'xf32', 'f16', 'bf16', 'e5m2'):
+  if name in ('tf32', 'xf32', 'f32', 'f16', 'bf16', 'e5m2'):
     specials += [np.inf, -np.inf, np.nan]
   elif name in ('e4m3', 'fp8', 'bf8'):  # no inf (fp8, bf8: no -0 either)
     specials += [np.nan]
@@ -224,8 +223,8 @@ def test_preset_equals_mmasim(entries, route):
 
 def _mfma_types(op):
   """The operands' type names (TYPES) of an mmasim MFMA."""
-  names = {torch.float32: 'xf32', torch.float16: 'f16', torch.bfloat16: 'bf16',
-           torch.float8_e4m3fnuz: 'fp8', torch.float8_e5m2fnuz: 'bf8'}
+  names = {torch.float32: 'xf32' if op.suffix.endswith('xf32') else 'f32', torch.float16: 'f16',
+           torch.bfloat16: 'bf16', torch.float8_e4m3fnuz: 'fp8', torch.float8_e5m2fnuz: 'bf8'}
   return names[op.a_type], names[op.b_type]
 
 
@@ -238,13 +237,6 @@ def _mfma_reference(op, x, w):
   return c.numpy()
 
 
-def _plus_zero(d):
-  """d with -0 as +0: lowacc adds a chain's result to its float32 total from +0 (spec section
-  3), so mmasim's rare -0 (a negative sum flushed or rounded to zero) reads +0
-  (test_mfma_flushes_a_sum_...)."""
-  return np.where(d == 0, np.float32(0), d)
-
-
 def _same_mfma(entries):
   groups = {}
   for arch, suffix in entries:
@@ -255,17 +247,17 @@ def _same_mfma(entries):
 @pytest.mark.parametrize('entries', _same_mfma(AMD_MODELLED),
                          ids=lambda g: f'{g[0][0]}:{g[0][1]}+{len(g) - 1}')
 def test_mfma_preset_equals_mmasim(entries):
-  """Bit for bit, but for NaN payloads: mmasim's CDNA2 model leaves them to the host CPU (its
-  CDNA3 model gives 0x7FFFFFFF, as lowacc)."""
+  """Bit for bit, but for NaN payloads: mmasim's CDNA2 model and its FMA chains leave them to
+  the host CPU (its CDNA3 fused sums give 0x7FFFFFFF, as lowacc)."""
   op = MFMA(*entries[0])
   cfg = hardware.mma(entries[0][0], 'mfma', entries[0][1])
   for chained in (1, 3):
     x, w = _case(*_mfma_types(op), op.k * chained)
     y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
     for arch, suffix in entries:
-      expected = _plus_zero(_mfma_reference(MFMA(arch, suffix), x, w))
+      expected = _mfma_reference(MFMA(arch, suffix), x, w)
       assert_bits_equal(y, expected, f'{arch} {suffix}, K={x.shape[1]}')
-      if arch == 'CDNA3':
+      if isinstance(cfg.acc, hardware.TwoLevelFusedSum):
         np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
 
 
@@ -280,20 +272,23 @@ def test_mfma_oracle_agrees_with_mmasim_and_lowacc(suffix):
                                           cfg.acc) for xi, wi in zip(x, w)], np.float32)
   y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
   assert_bits_equal(exact, _mfma_reference(op, x, w), 'oracle against mmasim')
-  assert_bits_equal(y, _plus_zero(exact), 'lowacc against the oracle')
+  assert_bits_equal(y, exact, 'lowacc against the oracle')
   short = [oracle.ftz_tree_chain([float(v) for v in xi[:7]], [float(v) for v in wi[:7]],
                                  cfg.acc) for xi, wi in zip(x, w)]
   y = np.asarray(lowacc.dot_general(x[:, None, :7], w[:, :7, None], BATCHED, cfg)).ravel()
-  assert_bits_equal(y, _plus_zero(np.array(short, np.float32)), 'a zero-filled last instruction')
+  assert_bits_equal(y, np.array(short, np.float32), 'a zero-filled last instruction')
 
 
 @pytest.mark.parametrize('arch, suffix', [
     ('CDNA2', 'f32_4x4x4bf16_1k'), ('CDNA2', 'f32_32x32x8f16'), ('CDNA2', 'f32_16x16x8bf16'),
     ('CDNA3', 'f32_32x32x8_bf16'), ('CDNA3', 'f32_16x16x8_xf32'), ('CDNA3', 'f32_32x32x8_f16'),
-    ('CDNA3', 'f32_16x16x32_fp8_bf8'), ('CDNA3', 'f32_32x32x16_bf8_bf8')])
+    ('CDNA3', 'f32_16x16x32_fp8_bf8'), ('CDNA3', 'f32_32x32x16_bf8_bf8'),
+    ('CDNA1', 'f32_32x32x8f16'), ('CDNA1', 'f32_16x16x8bf16'), ('CDNA1', 'f32_16x16x4f32'),
+    ('CDNA3', 'f32_32x32x2_f32')])
 def test_mfma_step_equals_mmasim_from_any_accumulator(arch, suffix):
   """One step (an instruction, or a CDNA3 group of it) from c of every kind: normal, wide-range,
-  subnormal, signed zeros, inf, NaN; -0 c and -0 products give +0."""
+  subnormal, signed zeros, inf, NaN. -0 c and -0 products give +0, but -0 for an FMA chain
+  (IEEE 754's fma of zeros of one sign)."""
   op, cfg = MFMA(arch, suffix), hardware.mma(arch, 'mfma', suffix)
   a, b = _mfma_types(op)
   x, w = (v[:, :cfg.acc.group] for v in _case(a, b, op.k))
@@ -304,17 +299,19 @@ def test_mfma_step_equals_mmasim_from_any_accumulator(arch, suffix):
   terms = cfg.acc.terms(x.T[:, :, None], w.T[:, :, None])  # (L, B, 1): B = the rows
   y = np.asarray(cfg.acc.step(c[:, None, None], terms, None)[0]).ravel()
   assert_bits_equal(y, expected, suffix)
-  assert not np.signbit(expected[:8]).any()
-  if arch == 'CDNA3':
+  assert np.signbit(expected[:8]).all() == (isinstance(cfg.acc, hardware.ExactSum)
+                                            and cfg.acc.fused == 1)
+  if isinstance(cfg.acc, hardware.TwoLevelFusedSum):
     np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
 
 
-def test_mfma_counters_and_gradients_go_through_the_kind():
+@pytest.mark.parametrize('arch, suffix', [('CDNA2', 'f32_32x32x8bf16_1k'),
+                                          ('CDNA1', 'f32_16x16x8bf16')])
+def test_mfma_counters_and_gradients_go_through_the_kind(arch, suffix):
   """bf16 products past float32's range: sat where mmasim overflows to inf from finite operands;
-  immediate_of zeroes the products of those instructions."""
+  immediate_of zeroes the products of those instructions (one of K = 8 here)."""
   import jax
-  suffix = 'f32_32x32x8bf16_1k'
-  op, cfg = MFMA('CDNA2', suffix), hardware.mma('CDNA2', 'mfma', suffix)
+  op, cfg = MFMA(arch, suffix), hardware.mma(arch, 'mfma', suffix)
   rng = np.random.default_rng(8)
   x = _in_type(rng.standard_normal((32, 8)) * 2.0 ** 63, 'bf16')
   w = _in_type(rng.standard_normal((32, 8)) * 2.0 ** 63, 'bf16')
@@ -330,8 +327,8 @@ def test_mfma_counters_and_gradients_go_through_the_kind():
 
 def test_mfma_flushes_a_sum_to_a_zero_of_its_sign():
   """CDNA2 bf16, k = 4: c = 2^-126, then c - 2^-126 (1 + 2^-7) = -2^-133 flushes to -0, as
-  mmasim and the oracle give it; lowacc's chain then adds that result to its float32 total from
-  +0 (spec section 3), which makes it +0, the one difference from mmasim (`FlushedAddTree`)."""
+  mmasim and the oracle give it, and the chain's result is that d (`direct_output`); promoted
+  into an fp32 sum from +0 (CUTLASS), it reads +0."""
   op, cfg = MFMA('CDNA2', 'f32_4x4x4bf16_1k'), hardware.mma('CDNA2', 'mfma', 'f32_4x4x4bf16_1k')
   tiny = 2.0 ** -63
   x = np.array([[tiny, 0, 0, 0, -tiny * (1 + 2 ** -7), 0, 0, 0]], np.float32)
@@ -341,7 +338,46 @@ def test_mfma_flushes_a_sum_to_a_zero_of_its_sign():
   exact = oracle.ftz_tree_chain(list(map(float, x[0])), list(map(float, w[0])), cfg.acc)
   assert np.float32(exact).view(np.uint32) == 0x80000000
   y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert y.view(np.uint32)[0] == 0x80000000
+  promoted = hardware.mma('CDNA2', 'mfma', 'f32_4x4x4bf16_1k', promote_every=8)
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, promoted)).ravel()
   assert y.view(np.uint32)[0] == 0
+
+
+@pytest.mark.parametrize('arch, suffix', [('CDNA1', 'f32_32x32x8f16'), ('CDNA1', 'f32_4x4x2bf16'),
+                                          ('CDNA1', 'f32_32x32x2f32'), ('CDNA3', 'f32_16x16x4_f32')])
+def test_exact_sum_oracle_agrees_with_mmasim_and_lowacc(arch, suffix):
+  """The oracle's exact-rational sums rounded once (CDNA1's f16 and bf16) and FMA chains (f32),
+  on every kind of row, K = 2k, and a zero-filled last instruction (K = 2k - 1, lowacc only)."""
+  op, cfg = MFMA(arch, suffix), hardware.mma(arch, 'mfma', suffix)
+  x, w = _case(*_mfma_types(op), op.k * 2)
+  rows = lambda k: [oracle.exact_sum_chain([float(v) for v in xi[:k]], [float(v) for v in wi[:k]],
+                                           cfg.acc) for xi, wi in zip(x, w)]
+  exact = np.array(rows(x.shape[1]), np.float32)
+  assert_bits_equal(exact, _mfma_reference(op, x, w), 'oracle against mmasim')
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(y, exact, 'lowacc against the oracle')
+  k = x.shape[1] - 1
+  y = np.asarray(lowacc.dot_general(x[:, None, :k], w[:, :k, None], BATCHED, cfg)).ravel()
+  assert_bits_equal(y, np.array(rows(k), np.float32), 'a zero-filled last instruction')
+
+
+def test_fma_chain_rounds_each_exact_product_once():
+  """f32 MFMA: c <- fma(a, b, c) per product, in order. The exact product (a float32 product
+  rounded first gives 2^-11 in row 0; XLA's flushes row 1's to zero), gradual underflow, and
+  IEEE 754's signed zeros: -2^-150 rounds to -0, then -0 + (-1) 0 is -0 and -0 + 1 0 is +0."""
+  cfg = hardware.mma('CDNA3', 'mfma', 'f32_32x32x1_2b_f32')
+  one = 1 + 2.0 ** -12
+  x = np.array([[-1.0, one], [2.0 ** -100, 2.0 ** -100], [2.0 ** -75, -1.0], [2.0 ** -75, 1.0]],
+               np.float32)
+  w = np.array([[1.0, one], [2.0 ** -40, 2.0 ** -40], [-2.0 ** -75, 0.0], [-2.0 ** -75, 0.0]],
+               np.float32)
+  y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
+  expected = np.array([2.0 ** -11 + 2.0 ** -24, 2.0 ** -139, -0.0, 0.0], np.float32)
+  np.testing.assert_array_equal(y.view(np.uint32), expected.view(np.uint32))
+  op = MFMA('CDNA3', 'f32_32x32x1_2b_f32')
+  np.testing.assert_array_equal(_mfma_reference(op, x, w).view(np.uint32),
+                                expected.view(np.uint32))
 
 
 @pytest.mark.parametrize('suffix', ['f32_32x32x8_bf16', 'f32_16x16x8_xf32', 'f32_16x16x16_f16',
@@ -357,7 +393,7 @@ def test_two_level_oracle_agrees_with_mmasim_and_lowacc(suffix):
                    np.float32)
   assert_bits_equal(exact, _mfma_reference(op, x, w), 'oracle against mmasim')
   y = np.asarray(lowacc.dot_general(x[:, None, :], w[:, :, None], BATCHED, cfg)).ravel()
-  assert_bits_equal(y, _plus_zero(exact), 'lowacc against the oracle')
+  assert_bits_equal(y, exact, 'lowacc against the oracle')
 
 
 ORACLE_CASES = [('wgmma', 'Hopper', 'm64n8k16.f32.f16.f16'),
@@ -480,7 +516,8 @@ def test_counters_and_gradients_go_through_the_kind():
     (('CDNA3', 'mfma', 'f32_32x32x8f16'), 'is invalid for mfma on CDNA3'),
     (('CDNA3', 'mfma', 'f32_16x16x32_fp8'), "fp8 and bf8 name both operands' types"),
     (('CDNA2', 'mfma', 'f32_32x32x6bf16_1k'), 'k=6 is invalid for CDNA2'),
-    (('CDNA2', 'mfma', 'f32_32x32x2f32'), 'FMAs')])
+    (('CDNA1', 'mfma', 'f32_32x32x6f16'), 'k=6 is invalid for CDNA1'),
+    (('CDNA3', 'mfma', 'f64_16x16x4_f64'), 'float64')])
 def test_bad_names_are_one_clear_error(args, field):
   with pytest.raises(ValueError, match=field):
     hardware.mma(*args)
