@@ -37,7 +37,8 @@ def test_the_axes_configure_the_presets_and_the_integer_registers():
   for point in sweep.axes()['hardware'] + sweep.axes()['integer']:
     assert _config(point).acc is not None
   assert [reporting.bits(f) for f in ('INT12w', 'INT23s', 'Ampere/mma/m16n8k16.f16.f16.f16.f16',
-                                      HOPPER_FP8)] == [12, 23, 16, 32]
+                                      HOPPER_FP8, 'CDNA1/mfma/f32_32x32x8f16')] == [12, 23, 16, 32,
+                                                                                 32]
 
 
 @pytest.mark.parametrize('axis, grid, message', [
