@@ -428,7 +428,14 @@ def test_scaled_path_where_it_applies():
   assert native.exact_sum(acc, fine)
   assert not native.scaled(AccumulatorConfig(acc=acc, product=fine))
   assert native.scaled(AccumulatorConfig(acc=acc.replace(rounding='toward_zero'), product=fine))
-  for other in (cfg.replace(order='chunk'), cfg.replace(product=None),
+  # Order 'chunk': the product alone decides (its acc rounds each chunk's float32 sum).
+  chunk = cfg.replace(order='chunk')
+  assert native.scaled(chunk)
+  assert native.scaled(chunk.replace(acc=cfg.acc.replace(rounding='up', underflow='none')))
+  for product in (cfg.product.replace(rounding='down'), cfg.product.replace(underflow='none'),
+                  cfg.product.replace(overflow='inf'), None):
+    assert not native.scaled(chunk.replace(product=product)), product
+  for other in (cfg.replace(product=None),
                 _paper('up', 'toward_zero'), _paper('toward_zero', 'down'),
                 cfg.replace(acc=cfg.acc.replace(overflow='inf')),
                 cfg.replace(product=cfg.product.replace(underflow='none')),
@@ -442,15 +449,17 @@ SCALED_CASES = list(itertools.product(('toward_zero', 'nearest_even'), repeat=2)
 
 
 @pytest.mark.parametrize('acc_rounding, product_rounding', SCALED_CASES)
-def test_scaled_path_equals_xla_path(acc_rounding, product_rounding):
+@pytest.mark.parametrize('order', ('fma', 'chunk'))
+def test_scaled_path_equals_xla_path(order, acc_rounding, product_rounding):
   # Products at and around each format's flush point, and those whose Veltkamp splitting would
   # not flush (|v| just below min_normal 2^-(23 - man_bits)), which must become zeros: after a
   # small acc value, to which the product's min_normal (the wrong result) would add.
   i = SCALED_CASES.index((acc_rounding, product_rounding))
   for j, (combine, chunk) in enumerate((('acc', 16), (None, 5), (lowacc.PAPER_ACC, None))):
     cfg = _paper(acc_rounding, product_rounding, bias=12 - (i + j) % 2 * 2).replace(
-        combine=combine, chunk_size=chunk)
-    assert native.scaled(cfg) == (acc_rounding == 'toward_zero' or (i + j) % 2 == 0), cfg
+        combine=combine, chunk_size=chunk, order=order)
+    assert native.scaled(cfg) == (order == 'chunk' or acc_rounding == 'toward_zero'
+                                  or (i + j) % 2 == 0), cfg
     for seed in range(2):
       x, w = boundary_operands(cfg, seed + 10 * i)
       band = cfg.product.min_normal * 2.0 ** (cfg.product.man_bits - 23)
@@ -466,8 +475,9 @@ def test_scaled_path_equals_xla_path(acc_rounding, product_rounding):
 
 
 @pytest.mark.parametrize('acc_rounding', ('toward_zero', 'nearest_even'))
-def test_scaled_path_equals_exact_oracle(acc_rounding):
-  cfg = _paper(acc_rounding, acc_rounding)
+@pytest.mark.parametrize('order', ('fma', 'chunk'))
+def test_scaled_path_equals_exact_oracle(order, acc_rounding):
+  cfg = _paper(acc_rounding, acc_rounding).replace(order=order)
   assert native.scaled(cfg)
   x, w = exact_operands(np.random.default_rng(13), (1, 5, 37), (1, 37, 6), -4)
   x[0, 0, 3], x[0, 1, 20], w[0, 7, 5] = np.inf, np.nan, -np.inf

@@ -280,9 +280,11 @@ LOWACC_AVX512 inline void DirectedStep(__m512* s, const __m512* u, const Format&
   Round<kR, kO, false, n>(s, s, f);
 }
 
-// The scaled path of order 'fma' (where lowacc.kernels.native.scaled says): acc and product
+// The scaled path (where lowacc.kernels.native.scaled says): of order 'fma', acc and product
 // toward_zero or nearest_even, flush, saturate, man_bits >= 1, min_normal at most 1, and exact
-// steps (p.exact_step). A value
+// steps (p.exact_step); of order 'chunk', the product alone (the chunk's float32 sum adds each
+// product unscaled by a fused multiply-add p 2^-P + s, exactly fl32(s + p): the scaling of a
+// product, a normal in its scale, is exact, and the sum's zeros are IEEE's as float32's). A value
 // of a format is carried scaled by the power of two that puts the format's min_normal at
 // float32's, 2^-126: the product's scale 2^P, the acc's 2^A. An operation that yields a value in
 // that scale then also flushes it as the format would, by the CPU's flush-to-zero, which zeroes
@@ -527,7 +529,7 @@ struct Problem {
   // The scaled path (scaled; SetScaled): the product's constants, from float32 into its scale; the
   // acc's, in its scale; the step's `across` and the acc's scale back to float32.
   ScaledFormat scaled_product, scaled_acc;
-  float across, unscale;
+  float across, unscale;  // unscale: the chain's scale (the acc's; order 'chunk': the product's)
 
   // The start of patch m of group b in the padded input `input`.
   const float* Patch(const float* input, int64_t b, int64_t m) const {
@@ -539,12 +541,13 @@ struct Problem {
 
 // The scaled path's constants (lowacc.kernels.native.scaled decides where it applies).
 void SetScaled(Problem& p) {
-  const int acc_min = ScaledFormat::MinExp(p.acc), prod_min = ScaledFormat::MinExp(p.product);
-  const int a = -126 - acc_min, q = -126 - prod_min;  // the scales 2^A, 2^P
-  const bool nearest = p.acc.rounding == kNearestEven;
+  const int q = -126 - ScaledFormat::MinExp(p.product);  // the product's scale 2^P
   p.scaled_product = ScaledFormat::Of(p.product, 0, q + (p.product.rounding == kNearestEven));
+  p.unscale = ScaledFormat::Pow2(-q);
+  if (!p.fma) return;  // order 'chunk': its acc rounds in float32's scale
+  const int a = -126 - ScaledFormat::MinExp(p.acc);  // the acc's scale 2^A
   p.scaled_acc = ScaledFormat::Of(p.acc, a, a - q);
-  p.across = ScaledFormat::Pow2(nearest ? q - a : a - q);
+  p.across = ScaledFormat::Pow2(p.acc.rounding == kNearestEven ? q - a : a - q);
   p.unscale = ScaledFormat::Pow2(-a);
 }
 
@@ -561,7 +564,7 @@ template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_
 LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
     const Problem& p, const float* const* xr, const float* wp, __m512* c, int64_t k0,
     int64_t k1) {
-  const __m512 across = _mm512_set1_ps(p.across);
+  const __m512 across = _mm512_set1_ps(p.across), unscale = _mm512_set1_ps(p.unscale);
   for (int64_t kk = k0; kk < k1; ++kk) {
     const __m512 w0 = _mm512_load_ps(wp + kk * kCols), w1 = _mm512_load_ps(wp + kk * kCols + 16);
 #pragma GCC unroll 16
@@ -570,8 +573,13 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
       if constexpr (kScaled) {
         const __m512 u0 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w0), p.scaled_product);
         const __m512 u1 = ScaledProduct<kProdR, kFinite>(_mm512_mul_ps(xv, w1), p.scaled_product);
-        c[2 * r] = ScaledStep<kAccR, kFinite>(c[2 * r], u0, across, p.scaled_acc);
-        c[2 * r + 1] = ScaledStep<kAccR, kFinite>(c[2 * r + 1], u1, across, p.scaled_acc);
+        if constexpr (kFma) {
+          c[2 * r] = ScaledStep<kAccR, kFinite>(c[2 * r], u0, across, p.scaled_acc);
+          c[2 * r + 1] = ScaledStep<kAccR, kFinite>(c[2 * r + 1], u1, across, p.scaled_acc);
+        } else {
+          c[2 * r] = _mm512_fmadd_ps(u0, unscale, c[2 * r]);
+          c[2 * r + 1] = _mm512_fmadd_ps(u1, unscale, c[2 * r + 1]);
+        }
         continue;
       }
       if constexpr (!kFma && kProdR == kNoProduct) {
@@ -617,8 +625,10 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
     if constexpr (kScaled) {
       Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kExactSum, true, kFinite>(p, xr, wp, c, k0,
                                                                              k1);
+      if constexpr (kFma) {
 #pragma GCC unroll 16
-      for (int i = 0; i < kVectors; ++i) c[i] = _mm512_mul_ps(c[i], _mm512_set1_ps(p.unscale));
+        for (int i = 0; i < kVectors; ++i) c[i] = _mm512_mul_ps(c[i], _mm512_set1_ps(p.unscale));
+      }
     } else if (kFma && p.exact_step) {
       Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kExactSum, false, false>(p, xr, wp, c, k0, k1);
     } else if (kDirected && p.acc.directed) {
@@ -684,6 +694,11 @@ void TileForProductRounding(Problem& p) {
 
 template <int64_t kProdR, bool kFinite>
 void TileForScaled(Problem& p) {
+  if (!p.fma) {  // a product's 5 operations leave room for 8 rows, as without products
+    p.tile = &Tile<kRows, false, kAnyRounding, kAnyOverflow, kProdR, kSaturate, true, kFinite>;
+    p.tile_rows = kRows;
+    return;
+  }
   p.tile_rows = kRows / 2;
   p.tile = p.acc.rounding == kTowardZero
                ? &Tile<kRows / 2, true, kTowardZero, kSaturate, kProdR, kSaturate, true, kFinite>

@@ -176,16 +176,20 @@ def exact_sum(a: Optional[FloatFormat], b: Optional[FloatFormat]) -> bool:
 
 def scaled(cfg: AccumulatorConfig) -> bool:
   """Whether the kernel runs this config's chain on its scaled path (chunk_dot.cc's
-  ScaledFormat), where the CPU's flush-to-zero flushes: order 'fma'; acc and product both
-  toward_zero or nearest_even, 'flush', 'saturate', man_bits >= 1 and min_normal <= 1; every step
-  sum exact (`exact_sum`). A nearest_even acc also needs the product's min_normal at most half
-  the acc's, and the smallest quantum of the two formats at least acc.min_normal *
-  2^(man_bits - 23), so that no nonzero sum falls where its Veltkamp splitting would not flush."""
+  ScaledFormat), where the CPU's flush-to-zero flushes: a product format toward_zero or
+  nearest_even, 'flush', 'saturate', man_bits >= 1 and min_normal <= 1; for order 'fma', an acc
+  of the same kind too, and every step sum exact (`exact_sum`); order 'chunk' sums the rounded
+  products in float32, and rounds its acc as elsewhere. A nearest_even acc also needs the
+  product's min_normal at most half the acc's, and the smallest quantum of the two formats at
+  least acc.min_normal * 2^(man_bits - 23), so that no nonzero sum falls where its Veltkamp
+  splitting would not flush."""
   def covered(f):
     return (isinstance(f, FloatFormat) and f.rounding in ('toward_zero', 'nearest_even')
             and f.underflow == 'flush' and f.overflow == 'saturate' and f.man_bits >= 1
             and f.min_exp <= 0)
   acc, product = cfg.acc, cfg.product
+  if cfg.order == 'chunk':
+    return covered(product)
   if not (cfg.order == 'fma' and covered(acc) and covered(product)
           and exact_sum(acc, product)):
     return False
