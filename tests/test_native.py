@@ -176,6 +176,58 @@ def test_special_values_and_zeros():
   assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), 'inf, nan and zeros')
 
 
+def test_scaled_total_where_it_applies():
+  chunk = lowacc.PAPER_M7E4.replace(order='chunk', product=None)
+  acc = chunk.acc
+  for cfg in (chunk, chunk.replace(product=lowacc.PAPER_PRODUCT),
+              chunk.replace(product=lowacc.PAPER_PRODUCT.replace(rounding='up')),
+              chunk.replace(combine=acc, chunk_size=None)):
+    assert native.scaled_total(cfg), cfg
+  e5 = FloatFormat(5, 7, bias=18, rounding='toward_zero', underflow='flush', overflow='saturate')
+  assert not native.exact_sum(e5, e5)  # its sums of two values may be inexact
+  for cfg in (chunk.replace(combine=None), chunk.replace(combine=lowacc.FP16),
+              chunk.replace(order='fma'), chunk.replace(acc=e5),
+              chunk.replace(acc=acc.replace(rounding='nearest_even')),
+              chunk.replace(acc=acc.replace(underflow='none')),
+              chunk.replace(acc=acc.replace(overflow='inf'))):
+    assert not native.scaled_total(cfg), cfg
+
+
+@pytest.mark.parametrize('product', (None, 'toward_zero', 'nearest_even', 'up'))
+def test_scaled_total_equals_xla_path_and_oracle(product):
+  # Chunk partials from below the acc's min_normal (flushed, of either sign) to beyond its
+  # max_normal (saturated), and with product rounding any operands, specials included.
+  paper = lowacc.PAPER_M7E4
+  rng = np.random.default_rng(17)
+  for chunk in (5, 16, None):
+    cfg = paper.replace(order='chunk', chunk_size=chunk, product=product and paper.product.replace(
+        rounding=product))
+    assert native.scaled_total(cfg), cfg
+    for scale_exp in (cfg.acc.min_exp - 8, cfg.acc.min_exp - 3, -1, cfg.acc.max_exp - 6,
+                      cfg.acc.max_exp - 2):
+      x, w = exact_operands(rng, (2, 11, 41), (2, 41, 35), scale_exp)
+      context = f'{cfg} scale 2^{scale_exp}'
+      assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), context)
+      if chunk == 5:
+        assert_bits_equal(native.dot(x, w, cfg), oracle_dot(x, w, cfg)[0], f'{context} oracle')
+    if product is not None:
+      for seed in range(2):
+        x, w = boundary_operands(cfg, seed)
+        assert_bits_equal(native.dot(x, w, cfg), xla_path(cfg, x, w), f'{cfg} seed {seed}')
+  # The zero signs of float32_sum(+0, P): T flushed to -0 (Q_acc(-1.5 mn + 1.25 mn)), then a
+  # chunk whose float32 partial is -0 (products flushed from float32 subnormals), whose s is +0,
+  # so T becomes +0 (columns 0, 1); after a chunk of tiny negative normals s is -0, and so is T
+  # (column 2).
+  cfg = paper.replace(order='chunk', chunk_size=5, product=None)
+  mn = cfg.acc.min_normal
+  x, w = np.zeros((1, 2, 15), np.float32), np.ones((1, 15, 3), np.float32)
+  x[0, :, 0], x[0, :, 5], x[0, :, 10:] = -1.5 * mn, 1.25 * mn, 2.0 ** -64
+  w[0, 10:, :2], w[0, 10:, 2] = -(2.0 ** -64), -1.0
+  y = native.dot(x, w, cfg)
+  assert_bits_equal(y, xla_path(cfg, x, w), 'zero signs')
+  assert np.signbit(y[0, :, 2]).all() and not np.signbit(y[0, :, :2]).any(), y
+
+
 def test_dot_general_takes_the_kernel_only_where_it_applies(monkeypatch):
   jax.clear_caches()  # so that every dot below is traced again, through the patched kernel
   calls = []

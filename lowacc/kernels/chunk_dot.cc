@@ -523,11 +523,13 @@ struct Problem {
   Format acc, product, combine;
   Fused fused;  // the fused dot-product kind (is_fused)
   bool fma, has_product, has_combine, exact_step, exact_combine, scaled, is_fused;
+  bool scaled_total;  // order 'chunk': s and the combine's total in the acc's scale (Tile)
   bool finite;  // x and w finite (set where scaled or is_fused)
   TileFn tile;    // the Tile instance for this problem (TileFor)
   int tile_rows;  // its rows
   // The scaled path (scaled; SetScaled): the product's constants, from float32 into its scale; the
   // acc's, in its scale; the step's `across` and the acc's scale back to float32.
+  // scaled_total: the acc's constants and `across`, from float32 into its scale.
   ScaledFormat scaled_product, scaled_acc;
   float across, unscale;  // unscale: the chain's scale (the acc's; order 'chunk': the product's)
 
@@ -539,12 +541,19 @@ struct Problem {
   }
 };
 
-// The scaled path's constants (lowacc.kernels.native.scaled decides where it applies).
+// The scaled path's constants (lowacc.kernels.native.scaled and scaled_total decide where they
+// apply).
 void SetScaled(Problem& p) {
+  if (p.scaled_total) {
+    const int a = -126 - ScaledFormat::MinExp(p.acc);
+    p.scaled_acc = ScaledFormat::Of(p.acc, a, 0);
+    p.across = ScaledFormat::Pow2(a);
+  }
+  if (!p.scaled) return;
   const int q = -126 - ScaledFormat::MinExp(p.product);  // the product's scale 2^P
   p.scaled_product = ScaledFormat::Of(p.product, 0, q + (p.product.rounding == kNearestEven));
   p.unscale = ScaledFormat::Pow2(-q);
-  if (!p.fma) return;  // order 'chunk': its acc rounds in float32's scale
+  if (!p.fma) return;  // order 'chunk': its acc rounds the chunk sums in Tile
   const int a = -126 - ScaledFormat::MinExp(p.acc);  // the acc's scale 2^A
   p.scaled_acc = ScaledFormat::Of(p.acc, a, a - q);
   p.across = ScaledFormat::Pow2(p.acc.rounding == kNearestEven ? q - a : a - q);
@@ -606,9 +615,13 @@ LOWACC_AVX512 __attribute__((always_inline)) inline void Inner(
 // the products in float32 (fused multiply-adds without product rounding) and rounds the partial
 // once; order 'fma' takes one Step per product. The combine chain's total stays in L1.
 // kAccR, kAccO, kProdR, kProdO: the roundings and overflows of acc (order 'fma') and product,
-// fixed for the inner loop; kScaled: the scaled path (p.scaled), kFinite: with finite operands.
+// fixed for the inner loop; kScaled: the scaled path (p.scaled), kFinite: with finite operands;
+// kScaledTotal: order 'chunk''s roundings s = Q_acc(+0 + P) and T <- Q_acc(T + s) in the acc's
+// scale (p.scaled_total), each one ScaledStep: toward_zero, the sums exact where not flushed
+// (native.scaled_total), float32_sum(+0, P) the fused multiply-add P 2^A + +0; T is unscaled
+// once, at the end.
 template <int R, bool kFma, int64_t kAccR, int64_t kAccO, int64_t kProdR, int64_t kProdO,
-          bool kScaled = false, bool kFinite = false>
+          bool kScaled = false, bool kFinite = false, bool kScaledTotal = false>
 LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float* y, int rows,
                         int cols) {
   constexpr int kVectors = 2 * R;
@@ -637,13 +650,27 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
     } else {
       Inner<R, kFma, kAccR, kAccO, kProdR, kProdO, kTwoSum, false, false>(p, xr, wp, c, k0, k1);
     }
+    if constexpr (kScaledTotal) {
+      const __m512 into = _mm512_set1_ps(p.across), one = _mm512_set1_ps(1.0f);
+#pragma GCC unroll 16
+      for (int i = 0; i < kVectors; ++i) {
+        float* t = &total[0][0] + 16 * i;
+        const __m512 s = ScaledStep<kTowardZero, false>(_mm512_setzero_ps(), c[i], into,
+                                                        p.scaled_acc);
+        _mm512_store_ps(t, ScaledStep<kTowardZero, false>(_mm512_load_ps(t), s, one,
+                                                          p.scaled_acc));
+      }
+      continue;
+    }
     constexpr int kGroup = 4;  // vectors rounded together: their dependency chains overlap
 #pragma GCC unroll 16
     for (int g = 0; g < kVectors; g += kGroup) {
       __m512* s = c + g;
-      if constexpr (!kFma) {  // s = Q_acc(P), P summed from +0 (float32_sum(+0, P): a zero is +0)
+      if constexpr (!kFma) {
+        // s = Q_acc(P), P summed from +0: float32_sum(+0, P), whose zero is +0, is IEEE's
+        // +0 + P (P is a float32 normal or a zero, so the sum is never a flushed subnormal).
 #pragma GCC unroll 16
-        for (int i = 0; i < kGroup; ++i) s[i] = Sum(_mm512_setzero_ps(), s[i], false);
+        for (int i = 0; i < kGroup; ++i) s[i] = Sum(_mm512_setzero_ps(), s[i], false, false);
         Round<kAnyRounding, kAnyOverflow, false, kGroup>(s, s, p.acc);
       }
       float* t = &total[0][0] + 16 * g;
@@ -660,7 +687,22 @@ LOWACC_AVX512 void Tile(const Problem& p, const float* x, const float* wp, float
       for (int i = 0; i < kGroup; ++i) _mm512_store_ps(t + 16 * i, ts[i]);
     }
   }
+  if constexpr (kScaledTotal) {
+    const float unscale = 1.0f / p.across;  // a power of two
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < cols; ++j) y[r * p.n + j] = total[r][j] * unscale;
+    return;
+  }
   for (int r = 0; r < rows; ++r) std::memcpy(y + r * p.n, total[r], cols * sizeof(float));
+}
+
+// The Tile instance of order 'chunk' with R rows, with or without p.scaled_total.
+template <int R, int64_t kProdR, int64_t kProdO, bool kScaled = false, bool kFinite = false>
+void TileForChunk(Problem& p) {
+  p.tile_rows = R;
+  p.tile = p.scaled_total
+               ? &Tile<R, false, kAnyRounding, kAnyOverflow, kProdR, kProdO, kScaled, kFinite, true>
+               : &Tile<R, false, kAnyRounding, kAnyOverflow, kProdR, kProdO, kScaled, kFinite>;
 }
 
 // The Tile instance for p's order, roundings and overflows: 8 rows for 'chunk' without product
@@ -673,11 +715,8 @@ void TileForAcc(Problem& p) {
 
 template <int64_t kProdR, int64_t kProdO>
 void TileForProduct(Problem& p) {
+  if (!p.fma) return TileForChunk<kRows / 2, kProdR, kProdO>(p);
   p.tile_rows = kRows / 2;
-  if (!p.fma) {
-    p.tile = &Tile<kRows / 2, false, kAnyRounding, kAnyOverflow, kProdR, kProdO>;
-    return;
-  }
   switch (p.acc.rounding) {
     case kNearestEven: return TileForAcc<kProdR, kProdO, kNearestEven>(p);
     case kTowardZero: return TileForAcc<kProdR, kProdO, kTowardZero>(p);
@@ -694,11 +733,8 @@ void TileForProductRounding(Problem& p) {
 
 template <int64_t kProdR, bool kFinite>
 void TileForScaled(Problem& p) {
-  if (!p.fma) {  // a product's 5 operations leave room for 8 rows, as without products
-    p.tile = &Tile<kRows, false, kAnyRounding, kAnyOverflow, kProdR, kSaturate, true, kFinite>;
-    p.tile_rows = kRows;
-    return;
-  }
+  // A product's 5 operations leave room for 8 rows, as without products.
+  if (!p.fma) return TileForChunk<kRows, kProdR, kSaturate, true, kFinite>(p);
   p.tile_rows = kRows / 2;
   p.tile = p.acc.rounding == kTowardZero
                ? &Tile<kRows / 2, true, kTowardZero, kSaturate, kProdR, kSaturate, true, kFinite>
@@ -726,16 +762,12 @@ LOWACC_AVX512 bool AllFinite(const float* v, int64_t n) {
 }
 
 void TileFor(Problem& p) {
+  SetScaled(p);
   if (p.scaled) {
-    SetScaled(p);
     return p.product.rounding == kTowardZero ? TileForScaledProduct<kTowardZero>(p)
                                              : TileForScaledProduct<kNearestEven>(p);
   }
-  if (!p.has_product && !p.fma) {
-    p.tile = &Tile<kRows, false, kAnyRounding, kAnyOverflow, kNoProduct, kAnyOverflow>;
-    p.tile_rows = kRows;
-    return;
-  }
+  if (!p.has_product && !p.fma) return TileForChunk<kRows, kNoProduct, kAnyOverflow>(p);
   switch (p.has_product ? p.product.rounding : kNoProduct) {
     case kNoProduct: return TileForProduct<kNoProduct, kAnyOverflow>(p);
     case kNearestEven: return TileForProductRounding<kNearestEven>(p);
@@ -1057,7 +1089,8 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> y, int64_t chunk, int64_t order,
                     ffi::Span<const int64_t> acc, ffi::Span<const int64_t> product,
                     ffi::Span<const int64_t> combine, int64_t exact_step,
-                    int64_t exact_combine, int64_t scaled, ffi::Span<const int64_t> conv,
+                    int64_t exact_combine, int64_t scaled, int64_t scaled_total,
+                    ffi::Span<const int64_t> conv,
                     ffi::Span<const int64_t> fused) {
   auto xd = x.dimensions(), wd = w.dimensions();
   // A FloatFormat chain (acc's 6 fields) or a fused dot-product one (fused's 14, order 'fma',
@@ -1124,6 +1157,7 @@ ffi::Error ChunkDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   p.exact_step = exact_step != 0;
   p.exact_combine = exact_combine != 0;
   p.scaled = scaled != 0;
+  p.scaled_total = scaled_total != 0;
   if (p.has_product) p.product = Format::Of(product);
   if (p.has_combine) p.combine = Format::Of(combine);
   int64_t x_size = 1, w_size = 1;
@@ -1210,5 +1244,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LowaccChunkDot, ChunkDot,
                                   .Attr<int64_t>("exact_step")
                                   .Attr<int64_t>("exact_combine")
                                   .Attr<int64_t>("scaled")
+                                  .Attr<int64_t>("scaled_total")
                                   .Attr<ffi::Span<const int64_t>>("conv")
                                   .Attr<ffi::Span<const int64_t>>("fused"));

@@ -33,7 +33,7 @@ from lowacc.formats import AccumulatorConfig, FloatFormat
 from lowacc.hardware import INPUT_TYPES, OUTPUT_TYPES, FusedDotProduct
 from lowacc.quantize import limit_bits
 
-__all__ = ['available', 'conv', 'dot', 'exact_sum', 'scaled', 'supports']
+__all__ = ['available', 'conv', 'dot', 'exact_sum', 'scaled', 'scaled_total', 'supports']
 
 _TARGET = 'lowacc_chunk_dot'
 _ROUNDINGS = {'nearest_even': 0, 'toward_zero': 1, 'up': 2, 'down': 3}
@@ -174,6 +174,13 @@ def exact_sum(a: Optional[FloatFormat], b: Optional[FloatFormat]) -> bool:
   return True
 
 
+def _scalable(f) -> bool:
+  """Formats that the scaled path carries in their own scale (chunk_dot.cc's ScaledFormat)."""
+  return (isinstance(f, FloatFormat) and f.rounding in ('toward_zero', 'nearest_even')
+          and f.underflow == 'flush' and f.overflow == 'saturate' and f.man_bits >= 1
+          and f.min_exp <= 0)
+
+
 def scaled(cfg: AccumulatorConfig) -> bool:
   """Whether the kernel runs this config's chain on its scaled path (chunk_dot.cc's
   ScaledFormat), where the CPU's flush-to-zero flushes: a product format toward_zero or
@@ -183,14 +190,10 @@ def scaled(cfg: AccumulatorConfig) -> bool:
   product's min_normal at most half the acc's, and the smallest quantum of the two formats at
   least acc.min_normal * 2^(man_bits - 23), so that no nonzero sum falls where its Veltkamp
   splitting would not flush."""
-  def covered(f):
-    return (isinstance(f, FloatFormat) and f.rounding in ('toward_zero', 'nearest_even')
-            and f.underflow == 'flush' and f.overflow == 'saturate' and f.man_bits >= 1
-            and f.min_exp <= 0)
   acc, product = cfg.acc, cfg.product
   if cfg.order == 'chunk':
-    return covered(product)
-  if not (cfg.order == 'fma' and covered(acc) and covered(product)
+    return _scalable(product)
+  if not (cfg.order == 'fma' and _scalable(acc) and _scalable(product)
           and exact_sum(acc, product)):
     return False
   if acc.rounding == 'nearest_even':
@@ -198,6 +201,15 @@ def scaled(cfg: AccumulatorConfig) -> bool:
     return (product.min_exp <= acc.min_exp - 1
             and quantum >= acc.min_exp - (23 - acc.man_bits))
   return True
+
+
+def scaled_total(cfg: AccumulatorConfig) -> bool:
+  """Whether order 'chunk' rounds its chunk sums and their combine in the acc's scale
+  (chunk_dot.cc's Tile, kScaledTotal): a toward_zero `_scalable` acc that is also the combine's
+  format, and every sum of two of its values exact (`exact_sum`), as in the paper's preset."""
+  acc = cfg.acc
+  return (cfg.order == 'chunk' and _scalable(acc) and acc.rounding == 'toward_zero'
+          and cfg.combine_format == acc and exact_sum(acc, acc))
 
 
 def _fields(fmt: Optional[FloatFormat]) -> np.ndarray:
@@ -292,12 +304,13 @@ def _call(cfg: AccumulatorConfig, x, w, geometry, shape, transposed=False):
   none = _fields(None)
   if _fused(cfg):
     return ffi(x, w, chunk=chunk, order=order, acc=none, product=none, combine=none,
-               exact_step=np.int64(0), scaled=np.int64(0), exact_combine=np.int64(0), conv=conv,
+               exact_step=np.int64(0), scaled=np.int64(0), scaled_total=np.int64(0),
+               exact_combine=np.int64(0), conv=conv,
                fused=_fused_fields(cfg.acc, transposed))
   comb = cfg.combine_format
   return ffi(x, w, chunk=chunk, order=order, acc=_fields(cfg.acc), product=_fields(cfg.product),
              combine=_fields(comb), exact_step=np.int64(exact_sum(cfg.acc, cfg.product)),
-             scaled=np.int64(scaled(cfg)),
+             scaled=np.int64(scaled(cfg)), scaled_total=np.int64(scaled_total(cfg)),
              exact_combine=np.int64(comb is not None and exact_sum(comb, cfg.acc)), conv=conv,
              fused=none)
 
