@@ -53,11 +53,16 @@ def _equal(a, b) -> bool:
 
 def _same_program(f, g, *args) -> bool:
   """Whether two jitted functions compile to the same executable: the same computations, in
-  the compiled HLO without its source locations (metadata and the tables of file names)."""
+  the compiled HLO without its source locations (metadata and the tables of file names), its
+  instructions and computations renamed in order of appearance (XLA numbers them by how many it
+  made while tracing, which differs between two routes to one program)."""
   def text(fn):
     hlo = fn.lower(*args).compile().as_text()
-    return [re.sub(r', metadata=\{[^}]*\}', '', line) for line in hlo.splitlines()
-            if line.startswith(('%', 'ENTRY', ' ', '}'))]
+    lines = [re.sub(r', metadata=\{[^}]*\}', '', line) for line in hlo.splitlines()
+             if line.startswith(('%', 'ENTRY', ' ', '}'))]
+    names = {}
+    rename = lambda m: names.setdefault(m.group(0), f'%v{len(names)}')
+    return [re.sub(r'%[\w.\-]+', rename, line) for line in lines]
   return text(f) == text(g)
 
 
