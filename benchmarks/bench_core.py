@@ -189,6 +189,19 @@ def matrix_units(n=512, clock=time.perf_counter):
   return out
 
 
+def estimators(n=512, clock=time.perf_counter):
+  """PAPER_M7E4's forward and backward under the fine-grained estimators, each against the
+  identity (straight-through) backward, at n^3; ratio: to the identity's time."""
+  rng = np.random.default_rng(4)
+  x, w, g = (jnp.asarray(rng.standard_normal((n, n)), jnp.float32) for _ in range(3))
+  grad = lambda ste: jax.jit(jax.value_and_grad(
+      lambda a, b: jnp.vdot(lowacc.matmul(a, b, FMA.replace(ste=ste)), g), argnums=(0, 1)))
+  names = ('identity', 'immediate_both', 'recursive_both')
+  t = best_times({ste: (grad(ste), (x, w)) for ste in names}, repeats=3, clock=clock)
+  return {f'gemm{n} fma fwd+bwd, {ste} / identity': dict(ratio=t[ste] / t['identity'])
+          for ste in names[1:]}
+
+
 def machine() -> str:
   return (f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
           f'{jax.devices()[0].device_kind}, jax {jax.__version__}')
@@ -203,7 +216,8 @@ def main():
                            'on a machine shared with other jobs, waiting for a core adds none')
   args = parser.parse_args()
   clock = time.process_time if args.cpu_time else time.perf_counter
-  results = {**gemm(clock=clock), **matrix_units(clock=clock), **({} if args.gemm_only else {
+  results = {**gemm(clock=clock), **matrix_units(clock=clock), **estimators(clock=clock),
+             **({} if args.gemm_only else {
       **resnet_conv(clock=clock), **depthwise_conv(clock=clock)})}
   print(f'machine: {machine()}; clock: {"CPU time" if args.cpu_time else "wall"}')
   print(f'{"benchmark":<60} {"x float32":>10} {"G MAC/cpu-s" if args.cpu_time else "G MAC/s":>9}')

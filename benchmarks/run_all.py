@@ -15,7 +15,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'latest'))
   args = parser.parse_args()
-  results = {**bench_core.gemm(), **bench_core.matrix_units(), **bench_core.resnet_conv(),
+  results = {**bench_core.gemm(), **bench_core.matrix_units(), **bench_core.estimators(),
+             **bench_core.resnet_conv(),
              **bench_core.depthwise_conv(),
              **bench_apytypes.run(),
              **bench_models.resnet18_step(), **bench_models.bert_step(), **bench_simulate.run()}
