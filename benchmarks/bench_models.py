@@ -1,5 +1,6 @@
 """Fine-tuning steps with the M7E4 accumulator in every GEMM, as ratios to the float32 step:
-ResNet-18 (32x32 inputs, batch 32) and BERT of MiniLM-L6's size (sequence 128, batch 8).
+ResNet-18 (32x32 inputs, batch 32) and BERT of MiniLM-L6's size (sequence 128, batch 8); and the
+time of one simulated MiniLM-L6 evaluation of 1,024 reviews.
 
 python -m benchmarks.bench_models [--cpu-time]
 """
@@ -61,6 +62,29 @@ def bert_step(clock=time.perf_counter):
   return _ratios('bert minilm-size s128 b8', model, loss, batch, clock)
 
 
+def minilm_eval(clock=time.perf_counter):
+  """One evaluation of configs/text_minilm.py's 1,024 reviews (8 batches of 128, length 64) by
+  the real MiniLM-L6 checkpoint under PAPER_M7E4 and in float32: a timing (the token ids are
+  random and the new head untrained), in seconds, from each batch's best time."""
+  directory = bert.minilm_checkpoint_dir()
+  model = bert.BertForSequenceClassification(
+      bert.BertConfig.from_json(directory / 'config.json'), 2, rngs=nnx.Rngs(0))
+  bert.load_hf_bert(model, directory)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 20000, (128, 64)).astype(np.int32)
+  mask = np.ones((128, 64), np.int32)
+  forward = nnx.jit(lambda m, i, a: m(i, a))
+  calls = {}
+  for name, cfg in (('float32', None), ('fma', FMA)):
+    wired = nnx.clone(model)
+    apply_policy(wired, Policy.everywhere(cfg))
+    calls[name] = (forward, (wired, ids, mask))
+  t = best_times(calls, repeats=2, clock=clock)
+  return {'minilm-l6 eval 1024 reviews fma': dict(ratio=t['fma'] / t['float32'],
+                                                  seconds=8 * t['fma'],
+                                                  float32_seconds=8 * t['float32'])}
+
+
 if __name__ == '__main__':
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--cpu-time', action='store_true',
@@ -68,5 +92,6 @@ if __name__ == '__main__':
   cpu = parser.parse_args().cpu_time
   clock = time.process_time if cpu else time.perf_counter
   print(f'machine: {machine()}; clock: {"CPU time" if cpu else "wall"}')
-  for name, r in {**resnet18_step(clock), **bert_step(clock)}.items():
-    print(f'{name:<34} {r["ratio"]:>8.1f} x float32')
+  for name, r in {**resnet18_step(clock), **bert_step(clock), **minilm_eval(clock)}.items():
+    print(f'{name:<34} {r["ratio"]:>8.1f} x float32' + (
+        f', {r["seconds"]:.1f} s' if 'seconds' in r else ''))

@@ -19,7 +19,8 @@ def main():
              **bench_core.resnet_conv(),
              **bench_core.depthwise_conv(),
              **bench_apytypes.run(),
-             **bench_models.resnet18_step(), **bench_models.bert_step(), **bench_simulate.run()}
+             **bench_models.resnet18_step(), **bench_models.bert_step(),
+             **bench_models.minilm_eval(), **bench_simulate.run()}
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, 'benchmarks.json'), 'w') as f:
     json.dump(dict(machine=bench_core.machine(), results=results), f, indent=1)

