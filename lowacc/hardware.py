@@ -29,7 +29,8 @@ for f16 and bf16 (float32 adds of pairs or fours of products into c, flushing su
 its largest product, then added to c in a second fused level that rounds down, then to nearest
 even); `ExactSum` is CDNA1's for f16 and bf16 (the exact sum of 4 or 2 products and c rounded
 once into fp32) and every f32 MFMA's (a chain of float32 FMAs). float64 and block-scaled (MX)
-instructions are refused with the reason (`NOT_MODELLED`).
+instructions are refused with the reason (`NOT_MODELLED`). The four kinds are `MatrixUnit`s: order
+'fma' only, a short last instruction zero-filled, its d the output.
 """
 
 from __future__ import annotations
@@ -156,8 +157,30 @@ def _round(total, base, p: int, min_exp: int, nearest_even: bool):
   return r, jnp.where(r_lead < -126, subnormal_bits, normal_bits), r_lead
 
 
+class MatrixUnit(Accumulator):
+  """What every matrix unit's kind shares: order 'fma' only, one step per `group` products
+  (an instruction, or its fused groups), a short last step filled with +0 products as the
+  hardware zero-fills a short instruction, and the last step's d as the output
+  (`Accumulator.direct_output`), in fp32 unless the kind says otherwise."""
+  orders = ('fma',)
+  output = 'f32'
+  direct_output = True
+
+  @property
+  def pad_product(self) -> float:
+    return 0.0
+
+  def _check_group(self, multiple_of: str):
+    """group: an int >= 1 that is a multiple of the field `multiple_of`."""
+    _check_int(self, 'group', 1)
+    unit = getattr(self, multiple_of)
+    if self.group % unit:
+      raise ValueError(f'{type(self).__name__}.group={self.group} is invalid: must be a '
+                       f'multiple of {multiple_of}={unit}')
+
+
 @dataclasses.dataclass(frozen=True)
-class FusedDotProduct(Accumulator):
+class FusedDotProduct(MatrixUnit):
   """A matrix unit's fused dot product of `group` products and the accumulator (module doc).
 
   fraction_bits: F, the bits kept below the largest exponent. e_zero: the exponent of a zero term.
@@ -175,8 +198,6 @@ class FusedDotProduct(Accumulator):
   rounding: str = 'toward_zero'
   out_fraction_bits: int = 23
   c_type: Optional[str] = None
-  orders = ('fma',)
-  direct_output = True
 
   def __post_init__(self):
     _check_int(self, 'group', 1)
@@ -204,10 +225,6 @@ class FusedDotProduct(Accumulator):
   def name(self) -> str:
     return (f'FDP{self.group}F{self.fraction_bits}.{self.a_type}.{self.b_type}.{self.output}.'
             f'{self.rounding}')
-
-  @property
-  def pad_product(self) -> float:
-    return 0.0
 
   def terms(self, x, w):
     """The operand slices x (L, B, M), w (L, B, N) read in their input types."""
@@ -284,7 +301,7 @@ def _ftz_add(a, b):
 
 
 @dataclasses.dataclass(frozen=True)
-class FlushedAddTree(Accumulator):
+class FlushedAddTree(MatrixUnit):
   """An MFMA that adds products in float32 adds flushing subnormals: CDNA2's f16 and bf16
   (mmasim 2.1.1's `MMA_FTZ_MUL_ADD`). One step is one instruction of `group` (its k) products
   and the accumulator c:
@@ -305,26 +322,16 @@ class FlushedAddTree(Accumulator):
   in_type: str
   group: int
   tree: int = 4
-  orders = ('fma',)
-  output = 'f32'
-  direct_output = True
 
   def __post_init__(self):
     _check_choice('FlushedAddTree', 'in_type', self.in_type, ('f16', 'bf16'))
     if isinstance(self.tree, bool) or self.tree not in (2, 4):
       raise ValueError(f'FlushedAddTree.tree={self.tree!r} is invalid: valid values are 2 and 4')
-    _check_int(self, 'group', 1)
-    if self.group % self.tree:
-      raise ValueError(f'FlushedAddTree.group={self.group} is invalid: must be a multiple of '
-                       f'tree={self.tree}')
+    self._check_group('tree')
 
   @property
   def name(self) -> str:
     return f'FTZ{self.group}T{self.tree}.{self.in_type}.f32'
-
-  @property
-  def pad_product(self) -> float:
-    return 0.0
 
   def terms(self, x, w):
     """The operand slices x (L, B, M), w (L, B, N) in the input type, small values read as +0."""
@@ -369,7 +376,7 @@ def _floor_shift(v, k):
 
 
 @dataclasses.dataclass(frozen=True)
-class TwoLevelFusedSum(Accumulator):
+class TwoLevelFusedSum(MatrixUnit):
   """CDNA3's MFMA (mmasim 2.1.1's MMA_TR_FDPA; with `halves`, the fp8 MMA_GTR_FDPA). One step
   takes `group` products and the accumulator c:
 
@@ -393,9 +400,6 @@ class TwoLevelFusedSum(Accumulator):
   b_type: str
   group: int
   halves: bool = False
-  orders = ('fma',)
-  output = 'f32'
-  direct_output = True
 
   def __post_init__(self):
     for field in ('a_type', 'b_type'):
@@ -408,10 +412,6 @@ class TwoLevelFusedSum(Accumulator):
   @property
   def name(self) -> str:
     return f'TLF{self.group}{"H" if self.halves else ""}.{self.a_type}.{self.b_type}.f32'
-
-  @property
-  def pad_product(self) -> float:
-    return 0.0
 
   def terms(self, x, w):
     """The operand slices x (L, B, M), w (L, B, N) read in their input types."""
@@ -522,7 +522,7 @@ def _select(digits, index):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExactSum(Accumulator):
+class ExactSum(MatrixUnit):
   """An MFMA that rounds the exact sum of `fused` products and c once, to nearest even into fp32:
   CDNA1's f16 and bf16 (mmasim 2.1.1's MMA_E_FDPA: 4 or 2 products) and every f32 MFMA
   (MMA_FMA: fused=1, a chain of float32 FMAs). One step is one instruction of `group` (its k)
@@ -544,25 +544,15 @@ class ExactSum(Accumulator):
   in_type: str
   group: int
   fused: int = 1
-  orders = ('fma',)
-  output = 'f32'
-  direct_output = True
 
   def __post_init__(self):
     _check_choice('ExactSum', 'in_type', self.in_type, tuple(EXACT_TYPES))
     _check_int(self, 'fused', 1, 16)
-    _check_int(self, 'group', 1)
-    if self.group % self.fused:
-      raise ValueError(f'ExactSum.group={self.group} is invalid: must be a multiple of '
-                       f'fused={self.fused}')
+    self._check_group('fused')
 
   @property
   def name(self) -> str:
     return f'EXACT{self.group}F{self.fused}.{self.in_type}.f32'
-
-  @property
-  def pad_product(self) -> float:
-    return 0.0
 
   def terms(self, x, w):
     """The operand slices x (L, B, M), w (L, B, N) (group 1: (B, M), (B, N)) read in the input
