@@ -185,6 +185,13 @@ def _forward(chain: _Chain, track_forgets: bool, count: bool):
   return total, last, counts
 
 
+# A chunk of at most this many steps records its steps' flags in one run of its inner chain, one
+# bit per step in a uint32 word per output element (two words: passes, forgets); a longer one
+# runs its inner chain again for the gradients.
+_RECORDED_STEPS = 32
+_word = functools.partial(lax.convert_element_type, new_dtype=jnp.uint32)
+
+
 def _backward(chain: _Chain, last_combine_forget, g):
   """Gradients of the chain under a fine-grained estimator, recomputing the chain chunk by chunk.
 
@@ -194,27 +201,44 @@ def _backward(chain: _Chain, last_combine_forget, g):
   cfg = chain.cfg
   ste = cfg.ste
   recursive = ste.startswith('recursive')
+  size = cfg.acc.group
+  steps = 1 if cfg.order == 'chunk' else chain.xs.shape[1] // size
+  recorded = steps <= _RECORDED_STEPS
+
+  def record(words, i, u, flags):  # bit i of each word: step i passes (d_i) / forgets (c_i = 0)
+    bit = lax.shift_left(jnp.uint32(1), _word(i))
+    passes, forgets = words
+    return (passes | jnp.where(flags.passes(ste), bit, jnp.uint32(0)),
+            forgets | jnp.where(flags.forgets, bit, jnp.uint32(0)))
 
   def last_forget(last, i, u, flags):
     return jnp.where(flags.forgets, i, last) if recursive else last
 
+  def grad(spec, gf, operand, like):  # sharded as its primal (a mesh with Explicit axes)
+    return jnp.einsum(spec, gf, operand, precision=_HIGHEST, out_sharding=_spec(like))
+
   def per_chunk(state, j, xc, wc, total):
-    no_forget = chain.full(-1, jnp.int32)
-    s, last_inner = chain.inner(j, xc, wc, last_forget, no_forget)  # pass A
+    if recorded:
+      no_bits = chain.full(0, jnp.uint32)
+      s, (passes, forgets) = chain.inner(j, xc, wc, record, (no_bits, no_bits))
+    else:
+      s, last_inner = chain.inner(j, xc, wc, last_forget, chain.full(-1, jnp.int32))  # pass A
     total, flags = chain.combine(j, total, s)
     gate = flags.passes(ste)
     if recursive:
       gate &= j >= last_combine_forget
     gj = jnp.where(gate, g, 0.0)
 
-    def factor(i, flags):
-      passes = flags.passes(ste)
-      if recursive:
-        passes &= i >= last_inner
-      return jnp.where(passes, gj, 0.0)
-
-    def grad(spec, gf, operand, like):  # sharded as its primal (a mesh with Explicit axes)
-      return jnp.einsum(spec, gf, operand, precision=_HIGHEST, out_sharding=_spec(like))
+    def factor(i, flags):  # u_i's gradient: gj where step i passes, or 0
+      if recorded:
+        passes_i = (lax.shift_right_logical(passes, _word(i)) & 1) == 1
+        if recursive:  # no later step of the chunk forgot
+          passes_i &= lax.shift_right_logical(forgets, _word(i + 1)) == 0
+      else:
+        passes_i = flags.passes(ste)
+        if recursive:
+          passes_i &= i >= last_inner
+      return jnp.where(passes_i, gj, 0.0)
 
     if cfg.order == 'chunk':
       def contribute(_, i, u, flags):
@@ -222,7 +246,6 @@ def _backward(chain: _Chain, last_combine_forget, g):
         return grad('bmn,cbn->cbm', gf, wc, xc), grad('bmn,cbm->cbn', gf, xc, wc)
       init = None
     else:
-      size = cfg.acc.group
       spec = ('bmn,bn->bm', 'bmn,bm->bn') if size == 1 else ('bmn,lbn->lbm', 'bmn,lbm->lbn')
 
       def put(d, i, value):
@@ -236,7 +259,13 @@ def _backward(chain: _Chain, last_combine_forget, g):
         return put(dx, i, grad(spec[0], gf, wg, xg)), put(dw, i, grad(spec[1], gf, xg, wg))
       # Varying over the shard_map axes of x, w and g together, as the gradients do.
       init = (_vary(jnp.zeros_like(xc), gj), _vary(jnp.zeros_like(wc), gj))
-    _, grads = chain.inner(j, xc, wc, contribute, init)  # pass B
+    if not recorded:
+      _, grads = chain.inner(j, xc, wc, contribute, init)  # pass B
+    elif cfg.order == 'chunk':
+      grads = contribute(None, jnp.int32(0), None, None)
+    else:
+      grads = lax.fori_loop(jnp.int32(0), jnp.int32(steps),
+                            lambda i, grads: contribute(grads, i, None, None), init)
     return total, state, grads
 
   _, _, (dxs, dws) = chain.run(per_chunk, None)

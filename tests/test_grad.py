@@ -42,12 +42,14 @@ def _oracle_grads(x, w, g, cfg):
   return dx, dw, f
 
 
-@pytest.mark.parametrize('order', ['fma', 'chunk'])
+# Chunks of 6 steps record their flags in one inner run; one chunk of 37 'fma' steps (more than
+# dot._RECORDED_STEPS) runs its inner chain again for the gradients.
+@pytest.mark.parametrize('order, chunk', [('fma', 6), ('chunk', 6), ('fma', None)])
 @pytest.mark.parametrize('ste', STES[1:])
-def test_fine_grained_estimators_equal_oracle(ste, order, rng):
+def test_fine_grained_estimators_equal_oracle(ste, order, chunk, rng):
   acc = FloatFormat(3, 3, bias=3, rounding='toward_zero', underflow='flush', overflow='saturate')
   cfg = AccumulatorConfig(acc=acc, product=acc.replace(bias=4) if order == 'fma' else None,
-                          chunk_size=6, order=order, ste=ste)
+                          chunk_size=chunk, order=order, ste=ste)
   # Two terms per gradient sum (M = N = 2) and exact terms: the float32 result is one rounding.
   if order == 'fma':
     x, w = operands(acc, (2, 2, 37), (2, 37, 2), seed=len(ste))
